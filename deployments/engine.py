@@ -12,13 +12,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.choices import ChoiceCursor, finish_reason, logprobs_block, mean_logprob, merge_logprobs
-from deployments.wire import EngineFailure, GenerationRequest, StreamItem, Usage
+from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
 
 log = logging.getLogger("qbt.engine")
-
-
-class InvalidSampling(ValueError):
-    """vLLM refused the sampling parameters; the ingress answers 400 `invalid_request`."""
 
 
 class Engine:

@@ -52,3 +52,7 @@ class StreamItem:
 
 class EngineFailure(Exception):
     """The engine failed a request; the ingress answers 502 `upstream_error`."""
+
+
+class InvalidSampling(ValueError):
+    """vLLM refused the sampling parameters; the ingress answers 400 `invalid_request`."""

@@ -1,0 +1,40 @@
+"""The per-model Serve deployment: each replica owns one vLLM engine and streams choice fragments back."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from deployments.engine import Engine
+from deployments.wire import GenerationRequest, StreamItem
+
+log = logging.getLogger("qbt.model_server")
+
+
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
+class ModelServer:
+    async def __init__(self, model_id: str, weights_path: str, engine_kwargs: dict):
+        self.engine = Engine(weights_path, model_id, engine_kwargs)
+        await self.engine.start()
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """Cancelling this generator (client gone) cancels the engine request, which frees its KV cache."""
+        async for item in self.engine.stream(req):
+            yield item
+
+    async def complete(self, req: GenerationRequest):
+        return await self.engine.complete(req)
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

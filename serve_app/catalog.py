@@ -1,0 +1,155 @@
+"""The typed configuration of the service and of every model it serves, validated at start-up.
+
+A Serve config's `args` is a `ServiceConfig`; a wrong entry fails `serve run`/`serve deploy` with pydantic's message
+naming the field, before any replica starts.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app import store
+
+DEV_SCHEME = "dev://"
+RESERVED_ENGINE_ARGS = {"model", "served_model_name", "max_model_len", "tokenizer"}
+
+
+class Category(str, Enum):
+    LLM = "llm"
+    CODE = "code"
+    VISION = "vision"
+    SAFETY = "safety"
+
+
+class Prices(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input_usd_per_mtok: Annotated[Decimal, Field(ge=0)]
+    output_usd_per_mtok: Annotated[Decimal, Field(ge=0)]
+
+    @property
+    def input_micros(self) -> int:
+        return store.usd_to_micros(self.input_usd_per_mtok)
+
+    @property
+    def output_micros(self) -> int:
+        return store.usd_to_micros(self.output_usd_per_mtok)
+
+    @model_validator(mode="after")
+    def _exact(self) -> Prices:
+        self.input_micros, self.output_micros  # noqa: B018 - raises on more than 6 decimals
+        return self
+
+
+class Autoscaling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 1
+    initial_replicas: Annotated[int, Field(ge=0)] | None = None
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 16
+    upscale_delay_s: Annotated[float, Field(ge=0)] = 30
+    downscale_delay_s: Annotated[float, Field(ge=0)] = 600
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class ModelSpec(BaseModel):
+    """One served model: where its weights come from, how its engine runs, how it scales and what it costs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    category: Category
+    source: str
+    max_model_len: Annotated[int, Field(ge=16)]
+    prices: Prices
+    engine_args: dict[str, Any] = {}
+    fim_template: str | None = None
+    completions: bool = True
+    num_cpus: Annotated[float, Field(gt=0)] = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0
+    accelerator_type: str | None = None
+    num_replicas: Annotated[int, Field(ge=1)] | None = None
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 64
+    env: dict[str, str] = {}
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
+        clash = RESERVED_ENGINE_ARGS & set(v)
+        if clash:
+            raise ValueError(f"engine_args may not set {sorted(clash)}: use the model's own fields")
+        return v
+
+    @field_validator("fim_template")
+    @classmethod
+    def _fim(cls, v: str | None) -> str | None:
+        if v is not None and ("{prefix}" not in v or "{suffix}" not in v):
+            raise ValueError("fim_template must contain {prefix} and {suffix}")
+        return v
+
+    @model_validator(mode="after")
+    def _scaling(self) -> ModelSpec:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+    def weights_path(self) -> str:
+        """A local directory for `dev://` sources, otherwise the path or Hugging Face id as given."""
+        if self.source.startswith(DEV_SCHEME):
+            from serve_app.dev_models import model_path
+
+            return str(model_path(self.source[len(DEV_SCHEME):]))
+        return self.source
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {"max_model_len": self.max_model_len, **self.engine_args}
+
+    def deployment_name(self) -> str:
+        return "model-" + self.id.replace(".", "_")
+
+
+class IngressSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: Annotated[int, Field(ge=1)] = 1
+    num_cpus: Annotated[float, Field(gt=0)] = 0.5
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 1000
+
+
+class ServiceConfig(BaseModel):
+    """The `args` of the Serve application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: Annotated[list[ModelSpec], Field(min_length=1)]
+    redis_url: str | None = None
+    ingress: IngressSpec = IngressSpec()
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 2_000_000
+    default_rpm: Annotated[int, Field(ge=0)] = 0
+    default_tpm: Annotated[int, Field(ge=0)] = 0
+    reservation_ttl_s: Annotated[float, Field(gt=0)] = 900
+    first_item_timeout_s: Annotated[float, Field(gt=0)] = 120
+    health_timeout_s: Annotated[float, Field(gt=0)] = 5
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServiceConfig:
+        ids = [m.id for m in self.models]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"model ids must be unique; repeated: {dupes}")
+        return self
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())

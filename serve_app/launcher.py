@@ -1,0 +1,199 @@
+"""`qbt serve`: the whole local stack in one process tree, and nothing left behind when it stops.
+
+Builds missing dev models, starts Redis if `REDIS_URL` does not answer (append-only file on), starts Ray, deploys
+the Serve config and waits for `/health`. The launcher makes itself a child subreaper, so that processes orphaned
+under it (vLLM engine cores of killed replicas) are re-parented to it and stopped by process id on exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import psutil
+
+from serve_app import accounts, store
+from serve_app.catalog import ServiceConfig, load_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PR_SET_CHILD_SUBREAPER = 36
+DEV_ACCOUNT, DEV_CREDITS = "dev", "100"
+
+
+def say(msg: str) -> None:
+    print(f"[qbt] {msg}", flush=True)
+
+
+def become_subreaper() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except OSError:
+        say("warning: could not become a child subreaper; orphaned engine processes may outlive this run")
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(store.sync_client(url).ping())
+    except Exception:
+        return False
+
+
+def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed and REDIS_URL does not answer: install it "
+                         "(apt-get install -y redis-server) or point REDIS_URL at a running Redis.")
+    port = urlparse(url).port or 6379
+    data_dir.mkdir(parents=True, exist_ok=True)
+    say(f"starting redis-server on 127.0.0.1:{port} (data in {data_dir}, append-only file on)")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--appendonly", "yes",
+         "--appendfsync", "everysec", "--save", "", "--daemonize", "no", "--logfile", str(data_dir / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(100):
+        if redis_answers(url):
+            return proc
+        if proc.poll() is not None:
+            raise SystemExit(f"redis-server exited with {proc.returncode}; see {data_dir / 'redis.log'}")
+        time.sleep(0.1)
+    raise SystemExit(f"redis-server did not answer on {url}; see {data_dir / 'redis.log'}")
+
+
+def dev_key(url: str, run_dir: Path) -> str:
+    """The local profile's dev account and key; the key is kept in `.run/dev-key` so restarts reuse it."""
+    from serve_app import auth
+
+    r = store.sync_client(url)
+    accounts.ensure_account(r, DEV_ACCOUNT, DEV_CREDITS)
+    path = run_dir / "dev-key"
+    if path.exists():
+        key = path.read_text().strip()
+        if r.hget(store.key_record(auth.key_hash(key)), "revoked") == "0":
+            return key
+    key, _ = accounts.create_key(r, DEV_ACCOUNT)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def wait_healthy(port: int, timeout_s: float, proc_check) -> None:
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < timeout_s:
+        proc_check()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as exc:
+            body = getattr(exc, "read", lambda: b"")()
+            last = body.decode(errors="replace") or type(exc).__name__
+        say(f"starting up ({time.monotonic() - started:.0f}s): {last[:160] or 'waiting for the proxy'}")
+        time.sleep(5)
+    raise SystemExit(f"the service was not healthy after {timeout_s:.0f}s (last: {last[:300]}); "
+                     "see the Ray logs under /tmp/ray/session_latest/logs")
+
+
+def stop_descendants(grace_s: float = 10) -> None:
+    me = psutil.Process()
+    procs = me.children(recursive=True)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def serve_forever(config_path: Path, port: int | None, redis_url: str | None, run_dir: Path,
+                  num_cpus: int, startup_timeout_s: float) -> int:
+    become_subreaper()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stopping = {"flag": False}
+
+    def on_signal(signum, frame):
+        stopping["flag"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    redis_proc = None
+    try:
+        from serve_app.dev_models import ensure_built
+
+        for model_id, path in ensure_built(log=say).items():
+            say(f"dev model {model_id} at {path}")
+        serve_config = load_yaml(config_path)
+        url = store.redis_url(redis_url)
+        if not redis_answers(url):
+            redis_proc = start_redis(url, run_dir / "redis")
+        key = dev_key(url, run_dir)
+        http = serve_config.get("http_options", {})
+        port = port or int(http.get("port", 8000))
+        deploy(serve_config, url, http.get("host", "127.0.0.1"), port, num_cpus)
+        wait_healthy(port, startup_timeout_s, lambda: None)
+        say(f"ready on http://127.0.0.1:{port}  dev key: {key}")
+        say(f"try: curl http://127.0.0.1:{port}/v1/completions -H 'Authorization: Bearer {key}' "
+            "-H 'Content-Type: application/json' "
+            "-d '{\"model\": \"qbt-dev-llm\", \"prompt\": \"The capital of Canada is\", \"max_tokens\": 16}'")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("stopping")
+        return 0
+    finally:
+        shutdown(redis_proc)
+
+
+def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) -> None:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    say(f"starting Ray ({num_cpus} logical CPUs) and deploying {len(serve_config['applications'])} app(s)")
+    env = {"REDIS_URL": url, "QBT_MODELS_DIR": os.environ.get("QBT_MODELS_DIR", str(ROOT / ".cache" / "models"))}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+             _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")))
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    for app in serve_config["applications"]:
+        args = dict(app.get("args", {}))
+        args["redis_url"] = url
+        ServiceConfig.model_validate(args)
+        # Not waiting here: wait_healthy() polls /health and reports progress meanwhile.
+        serve._run(build_app(args), name=app["name"], route_prefix=app.get("route_prefix", "/"), _blocking=False)
+
+def shutdown(redis_proc: subprocess.Popen | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception as exc:
+            say(f"serve shutdown: {exc}")
+        ray.shutdown()
+    if redis_proc is not None and redis_proc.poll() is None:
+        redis_proc.terminate()
+        try:
+            redis_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            redis_proc.kill()
+    stop_descendants()
+    say("stopped; no process left running")
+    sys.stdout.flush()

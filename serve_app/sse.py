@@ -1,0 +1,39 @@
+"""Server-sent events framing and the `text_completion` objects, streamed and whole."""
+
+from __future__ import annotations
+
+import json
+
+DONE = b"data: [DONE]\n\n"
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class CompletionFrame:
+    """The parts every chunk of one response shares; `chunk` only adds the choices."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+        self.completion_id = completion_id
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+
+    def obj(self, choices: list[dict], usage: dict | None) -> dict:
+        out = {"id": self.completion_id, "object": "text_completion", "created": self.created, "model": self.model,
+               "choices": choices}
+        if usage is not None or self.include_usage:
+            out["usage"] = usage
+        return out
+
+    def chunk(self, choices: list[dict]) -> bytes:
+        return event(self.obj(choices, None))
+
+    def usage_chunk(self, usage: dict) -> bytes:
+        return event(self.obj([], usage))
+
+
+def event(payload: dict) -> bytes:
+    return b"data: " + _dumps(payload).encode() + b"\n\n"
+
+
+def dumps(payload: dict) -> bytes:
+    return _dumps(payload).encode()
