@@ -48,6 +48,11 @@ class Engine:
     def _decode(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])
 
+    @staticmethod
+    def _greedy(req: GenerationRequest) -> bool:
+        """vLLM refuses n > 1 with temperature 0; every greedy candidate is the same, so one is generated."""
+        return req.sampling.get("temperature", 1.0) == 0
+
     def _params(self, req: GenerationRequest, candidates: int, stream: bool):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -59,7 +64,8 @@ class Engine:
             kwargs["logit_bias"] = {int(k): float(v) for k, v in kwargs["logit_bias"].items()}
         try:
             return SamplingParams(
-                n=candidates, max_tokens=max(req.max_tokens, 1), logprobs=want_logprobs,
+                n=1 if self._greedy(req) else candidates, max_tokens=max(req.max_tokens, 1),
+                logprobs=want_logprobs,
                 prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY, **kwargs)
         except (ValueError, TypeError) as exc:
@@ -124,12 +130,13 @@ class Engine:
             async for res in self.llm.generate({"prompt_token_ids": req.prompts[prompt_idx]}, params,
                                                f"{req.request_id}-{prompt_idx}"):
                 for out in res.outputs:
-                    queue.put_nowait((cursors[out.index], out, prompt_idx, res.prompt_logprobs))
+                    for cursor in (cursors if self._greedy(req) else (cursors[out.index],)):
+                        queue.put_nowait((cursor, out, prompt_idx, res.prompt_logprobs))
             queue.put_nowait(None)
         except asyncio.CancelledError:
             raise
-        except InvalidSampling as exc:
-            queue.put_nowait(exc)
+        except _request_errors() as exc:
+            queue.put_nowait(InvalidSampling(str(exc)))
         except Exception as exc:  # the engine's failure reaches the client as upstream_error
             queue.put_nowait(EngineFailure(f"{type(exc).__name__}: {exc}"))
 
@@ -141,6 +148,8 @@ class Engine:
         choices = []
         for prompt_idx, res in enumerate(results):
             outs = sorted(res.outputs, key=lambda o: o.index)
+            if self._greedy(req):
+                outs = outs[:1] * candidates
             if candidates > req.n:
                 usage.completion_tokens += sum(len(o.token_ids) for o in outs)
                 outs = sorted(outs, key=lambda o: mean_logprob(o.cumulative_logprob, len(o.token_ids)),
@@ -162,8 +171,17 @@ class Engine:
                 final = res
         except (asyncio.CancelledError, InvalidSampling):
             raise
+        except _request_errors() as exc:
+            raise InvalidSampling(str(exc)) from exc
         except Exception as exc:
             raise EngineFailure(f"{type(exc).__name__}: {exc}") from exc
         if final is None:
             raise EngineFailure("the engine returned no output")
         return final
+
+
+def _request_errors() -> tuple[type[BaseException], ...]:
+    """vLLM's refusals of a request (as opposed to engine failures): answered 400, not 502."""
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
