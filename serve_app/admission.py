@@ -117,7 +117,7 @@ class Admitter:
             res = await self._script(keys=[store.key_record(key_hash), store.LEDGER, store.RESERVATION_EXPIRY],
                                      args=args)
         except Exception as exc:
-            log.error("admission failed, refusing the request: %s", exc)
+            log.error("admission failed, refusing the request: %r", exc)
             raise ApiError(Code.SERVICE_UNAVAILABLE,
                            "The accounting store is unreachable; requests are refused rather than served "
                            "unmetered. Retry shortly.", headers={"Retry-After": "5"}) from None

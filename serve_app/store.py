@@ -35,11 +35,14 @@ def reservation(request_id: str) -> str:
     return f"{PREFIX}:rsv:{request_id}"
 
 
-def async_client(url: str | None = None):
+def async_client(url: str | None = None, max_connections: int = 64):
+    """A bounded pool that makes callers wait for a connection rather than fail when all are busy."""
     import redis.asyncio as redis
 
-    return redis.from_url(redis_url(url), decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
-                          health_check_interval=30)
+    pool = redis.BlockingConnectionPool.from_url(
+        redis_url(url), max_connections=max_connections, timeout=5, decode_responses=True,
+        socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+    return redis.Redis(connection_pool=pool)
 
 
 def sync_client(url: str | None = None):

@@ -1,0 +1,78 @@
+"""The model replica dies under load: in-flight requests get `upstream_error` (in-band once streaming), nothing is
+charged for them, and service recovers when Serve restarts the replica. Runs last: it disturbs the shared stack."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from serve_app import store
+from tests.conftest import MODEL
+from tests.e2e.test_billing import wait_for_rows
+
+pytestmark = pytest.mark.e2e
+LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True}
+
+
+def replica_process(stack) -> psutil.Process:
+    """Our own model replica, found in the launcher's process tree by its Ray process title."""
+    for p in stack.descendants():
+        try:
+            if "ServeReplica:qbt:model-qbt-dev-llm" in " ".join(p.cmdline()):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError("no model replica process under the launcher")
+
+
+def test_replica_death_is_upstream_error_and_service_recovers(stack, customer, r):
+    auth = {"Authorization": f"Bearer {customer.key}"}
+    victim = replica_process(stack)
+    events: list[str] = []
+    non_stream: dict = {}
+
+    def fire_non_stream():
+        non_stream["res"] = httpx.post(stack.base_url + "/v1/completions", json=LONG, headers=auth, timeout=300)
+
+    with httpx.Client(base_url=stack.base_url, timeout=300) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}, headers=auth) as s:
+            assert s.status_code == 200
+            lines = s.iter_lines()
+            events.append(next(lines))
+            worker = threading.Thread(target=fire_non_stream)
+            worker.start()
+            time.sleep(0.3)
+            victim.send_signal(signal.SIGKILL)
+            events += [line for line in lines if line]
+    worker.join(300)
+
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])["error"]
+    assert error["code"] == "upstream_error"
+    # A request Serve had not yet started on the dead replica may be retried on the new one: either way it is
+    # answered with the contract, and only a served one is charged.
+    ns = non_stream["res"]
+    assert ns.status_code in (200, 502)
+    if ns.status_code == 502:
+        assert ns.json()["error"]["code"] == "upstream_error"
+
+    rows = wait_for_rows(r, customer.account, 2)
+    failed = [row for row in rows if row["status"] == "upstream_error"]
+    assert len(failed) == (2 if ns.status_code == 502 else 1)
+    assert all(row["cost_micros"] == 0 for row in failed)
+    assert int(r.hget(store.account_record(customer.account), "reserved")) == 0
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if httpx.get(stack.base_url + "/health", timeout=30).status_code == 200:
+            break
+        time.sleep(3)
+    res = httpx.post(stack.base_url + "/v1/completions", headers=auth, timeout=120,
+                     json={"model": MODEL, "prompt": "The capital of Canada is", "max_tokens": 4, "temperature": 0})
+    assert res.status_code == 200 and res.json()["choices"][0]["text"].startswith(" Ottawa")
