@@ -10,6 +10,7 @@ from ray import serve
 
 from deployments.engine import Engine
 from deployments.wire import GenerationRequest, StreamItem
+from serve_app.telemetry import configure_logging
 
 log = logging.getLogger("qbt.model_server")
 
@@ -17,6 +18,7 @@ log = logging.getLogger("qbt.model_server")
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
 class ModelServer:
     async def __init__(self, model_id: str, weights_path: str, engine_kwargs: dict):
+        configure_logging()
         self.engine = Engine(weights_path, model_id, engine_kwargs)
         await self.engine.start()
 

@@ -26,7 +26,7 @@ for _, rid in ipairs(expired) do
   local rk = '%(prefix)s:rsv:' .. rid
   local r = redis.call('HMGET', rk, 'account', 'reserved', 'key_id', 'model', 'created', 'request_id')
   if r[1] then
-    redis.call('HINCRBY', '%(prefix)s:acct:' .. r[1], 'reserved', -tonumber(r[2]))
+    redis.call('HINCRBY', '%(prefix)s:acct:' .. r[1], 'reserved', 0 - tonumber(r[2]))
     redis.call('XADD', KEYS[2], '*', 'request_id', r[6], 'completion_id', rid, 'account', r[1], 'key_id', r[3],
       'model', r[4],
       'prompt_tokens', 0, 'completion_tokens', 0, 'cost_micros', 0, 'status', 'expired',

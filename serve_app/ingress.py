@@ -28,6 +28,7 @@ from serve_app.prompts import Prompts, tokenize
 from serve_app.protocol import CompletionRequest, parse_completion_request
 from serve_app.router import Route, Router
 from serve_app.sse import DONE, CompletionFrame, dumps, event
+from serve_app.telemetry import configure_logging
 
 log = logging.getLogger("qbt.ingress")
 JSON = "application/json"
@@ -43,6 +44,7 @@ class Outcome:
 @serve.ingress()
 class Ingress:
     def __init__(self, config: dict, handles: dict):
+        configure_logging()
         self.config = ServiceConfig.model_validate(config)
         self.router = Router(self.config.models, handles)
         self.redis = store.async_client(self.config.redis_url)

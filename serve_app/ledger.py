@@ -27,8 +27,8 @@ if ARGV[6] == '1' then
   if cost > reserved then cost = reserved end
 end
 local acct = '%(prefix)s:acct:' .. r[1]
-redis.call('HINCRBY', acct, 'reserved', -reserved)
-redis.call('HINCRBY', acct, 'balance', -cost)
+redis.call('HINCRBY', acct, 'reserved', 0 - reserved)
+redis.call('HINCRBY', acct, 'balance', 0 - cost)
 redis.call('HINCRBY', acct, 'spent', cost)
 redis.call('HINCRBY', acct, 'requests', 1)
 redis.call('HINCRBY', acct, 'prompt_tokens', prompt)

@@ -121,6 +121,8 @@ def _from_validation(exc: ValidationError) -> ApiError:
     loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
     # Union members show up in `loc` as type names (for example `list[int]`); keep only the field path.
     path = [p for p in loc if p in CompletionRequest.model_fields or p in StreamOptions.model_fields]
+    if first["type"] == "extra_forbidden" and loc:
+        path.append(loc[-1])
     param = ".".join(path) if path else (loc[0] if loc else None)
     if first["type"] == "extra_forbidden":
         return invalid(f"Unrecognized request argument supplied: {param}", param)
