@@ -17,7 +17,9 @@ from tests.conftest import MODEL
 from tests.e2e.test_billing import wait_for_rows
 
 pytestmark = pytest.mark.e2e
-LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True}
+# 8 prompts x 4 choices x 500 tokens: several seconds of work on the dev model, so the kill lands mid-way.
+LONG = {"model": MODEL, "prompt": ["Once upon a time"] * 8, "n": 4, "max_tokens": 500, "ignore_eos": True,
+        "temperature": 1.0}
 
 
 def replica_process(stack) -> psutil.Process:
@@ -43,14 +45,13 @@ def test_replica_death_is_upstream_error_and_service_recovers(stack, customer, r
         except Exception as exc:  # reported by the assertion below
             non_stream["res"] = exc
 
+    worker = threading.Thread(target=fire_non_stream)
+    worker.start()
     with httpx.Client(base_url=stack.base_url, timeout=300) as c:
         with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}, headers=auth) as s:
             assert s.status_code == 200
             lines = s.iter_lines()
             events.append(next(lines))
-            worker = threading.Thread(target=fire_non_stream)
-            worker.start()
-            time.sleep(0.3)
             victim.send_signal(signal.SIGKILL)
             events += [line for line in lines if line]
     worker.join(300)
