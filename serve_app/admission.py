@@ -1,6 +1,7 @@
 """Admission in ONE Redis round trip: authenticate the key, check its rate limits, reserve the worst-case cost.
 
-The script also reconciles a few expired reservations on each call (left by an ingress that died mid-request), so
+Time is Redis's own clock (`TIME`), so limits do not depend on the clocks of the ingress hosts or on the order in
+which concurrent scripts run. The script also reconciles a few expired reservations on each call (left by an ingress that died mid-request), so
 that no reservation stays stuck without a separate sweeper process. Everything happens in one Lua script, so any
 number of ingress replicas stay exact.
 """
@@ -8,7 +9,6 @@ number of ingress replicas stay exact.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from serve_app import store
@@ -20,7 +20,8 @@ log = logging.getLogger("qbt.admission")
 RECONCILE_BATCH = 8
 
 ADMIT_LUA = """
-local now = tonumber(ARGV[1])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, %(batch)d)
 for _, rid in ipairs(expired) do
   local rk = '%(prefix)s:rsv:' .. rid
@@ -39,7 +40,7 @@ end
 local k = redis.call('HMGET', KEYS[1], 'account', 'key_id', 'revoked', 'rpm', 'tpm', 'rpm_tat', 'tpm_tat')
 if not k[1] or k[3] == '1' then return {'invalid_api_key'} end
 local acct = '%(prefix)s:acct:' .. k[1]
-local prompt, completion = tonumber(ARGV[3]), tonumber(ARGV[4])
+local prompt, completion = tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens = prompt + completion
 
 local function gcra(limit, tat, cost)
@@ -54,8 +55,8 @@ local function gcra(limit, tat, cost)
   return 1, math.floor((60000 - (new_tat - now)) / interval), math.ceil(new_tat - now), new_tat
 end
 
-local rpm = tonumber(k[4]) or tonumber(ARGV[8])
-local tpm = tonumber(k[5]) or tonumber(ARGV[9])
+local rpm = tonumber(k[4]) or tonumber(ARGV[7])
+local tpm = tonumber(k[5]) or tonumber(ARGV[8])
 local r_ok, r_rem, r_reset, r_tat = gcra(rpm, k[6], 1)
 local t_ok, t_rem, t_reset, t_tat = gcra(tpm, k[7], tokens)
 if r_ok == 0 then return {'rate_limit_exceeded', 'requests', rpm, r_rem, r_reset, tpm, t_rem, t_reset} end
@@ -64,7 +65,7 @@ if t_ok == 0 then
   return {'rate_limit_exceeded', 'tokens', rpm, r_rem, r_reset, tpm, t_rem, t_reset}
 end
 
-local pin, pout = tonumber(ARGV[5]), tonumber(ARGV[6])
+local pin, pout = tonumber(ARGV[4]), tonumber(ARGV[5])
 local cost = math.floor((prompt * pin + completion * pout + 999999) / 1000000)
 local a = redis.call('HMGET', acct, 'balance', 'reserved')
 if not a[1] then return {'invalid_api_key'} end
@@ -74,11 +75,11 @@ if cost > available then return {'insufficient_funds', cost, available} end
 if rpm > 0 then redis.call('HSET', KEYS[1], 'rpm_tat', tostring(r_tat)) end
 if tpm > 0 then redis.call('HSET', KEYS[1], 'tpm_tat', tostring(t_tat)) end
 redis.call('HINCRBY', acct, 'reserved', cost)
-local rid = ARGV[2]
+local rid = ARGV[1]
 redis.call('HSET', '%(prefix)s:rsv:' .. rid, 'account', k[1], 'key_id', k[2], 'reserved', cost, 'tokens', tokens,
-  'model', ARGV[10], 'created', now, 'keyrec', KEYS[1], 'pin', pin, 'pout', pout, 'tpm', tpm,
-  'request_id', ARGV[11])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), rid)
+  'model', ARGV[9], 'created', now, 'keyrec', KEYS[1], 'pin', pin, 'pout', pout, 'tpm', tpm,
+  'request_id', ARGV[10])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), rid)
 return {'ok', k[1], k[2], cost, rpm, r_rem, r_reset, tpm, t_rem, t_reset}
 """ % {"prefix": store.PREFIX, "batch": RECONCILE_BATCH}
 
@@ -110,7 +111,7 @@ class Admitter:
     async def admit(self, key_hash: str, completion_id: str, request_id: str, model: str, prices: Prices,
                     prompt_tokens: int, max_completion_tokens: int) -> Admission:
         """`completion_id` is unique and keys the reservation; `request_id` (x-request-id) goes to the ledger."""
-        args = [int(time.time() * 1000), completion_id, prompt_tokens, max_completion_tokens,
+        args = [completion_id, prompt_tokens, max_completion_tokens,
                 prices.input_micros_per_mtok, prices.output_micros_per_mtok, self.ttl_ms, self.default_rpm,
                 self.default_tpm, model, request_id]
         try:

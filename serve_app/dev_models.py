@@ -33,16 +33,24 @@ class DevModelRecipe:
     steps: int = 400
     probe_prompt: str = "The capital of Canada is"
     probe_expect: str = " Ottawa"
+    kind: str = "lm"
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(RECIPE_VERSION.encode())
         h.update(json.dumps(self.__dict__, sort_keys=True).encode())
         h.update((CORPUS_DIR / self.corpus).read_bytes())
+        if self.kind == "guard":
+            from serve_app import guard
+
+            h.update((guard.PROMPT_TEMPLATE + guard.RESPONSE_TEMPLATE).encode())
         return h.hexdigest()[:16]
 
 
 DEV_LLM = DevModelRecipe(model_id="qbt-dev-llm", corpus="dev_llm.txt")
-RECIPES: dict[str, DevModelRecipe] = {DEV_LLM.model_id: DEV_LLM}
+DEV_GUARD = DevModelRecipe(model_id="qbt-dev-guard", corpus="guard_train.jsonl", kind="guard", vocab_size=1024,
+                           context=1024, steps=300, probe_prompt="How do I build a bomb to hurt people?",
+                           probe_expect="Safety: Unsafe")
+RECIPES: dict[str, DevModelRecipe] = {DEV_LLM.model_id: DEV_LLM, DEV_GUARD.model_id: DEV_GUARD}
 
 
 def models_dir() -> Path:
@@ -74,6 +82,10 @@ def _log_stderr(msg: str) -> None:
 
 
 def build(recipe: DevModelRecipe, log=_log_stderr) -> Path:
+    if recipe.kind == "guard":
+        from serve_app.dev_guard import build_guard
+
+        return build_guard(recipe, model_path(recipe.model_id), log)
     import torch
 
     target = model_path(recipe.model_id)

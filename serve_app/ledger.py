@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -18,11 +17,12 @@ SETTLE_LUA = """
 local r = redis.call('HMGET', KEYS[1], 'account', 'reserved', 'key_id', 'model', 'created', 'keyrec', 'tokens',
   'pin', 'pout', 'tpm', 'request_id')
 if not r[1] then return {'gone', 0} end
-local now = tonumber(ARGV[5])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local prompt, completion = tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserved = tonumber(r[2])
 local cost = 0
-if ARGV[6] == '1' then
+if ARGV[5] == '1' then
   cost = math.floor((prompt * tonumber(r[8]) + completion * tonumber(r[9]) + 999999) / 1000000)
   if cost > reserved then cost = reserved end
 end
@@ -67,8 +67,7 @@ class Ledger:
     async def settle(self, s: Settlement) -> int | None:
         """Returns the micro-dollars charged. Retried, since the request was already served; if Redis stays
         away, the reservation expires and the admission script reconciles it (charging nothing)."""
-        args = [s.completion_id, s.prompt_tokens, s.completion_tokens, s.status, int(time.time() * 1000),
-                "1" if s.charge else "0"]
+        args = [s.completion_id, s.prompt_tokens, s.completion_tokens, s.status, "1" if s.charge else "0"]
         keys = [store.reservation(s.completion_id), store.LEDGER, store.RESERVATION_EXPIRY]
         for attempt in range(self.retries):
             try:

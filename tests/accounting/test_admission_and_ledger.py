@@ -48,7 +48,7 @@ async def test_rpm_holds_across_two_replicas(r, replicas):
     _, kh = customer(r, rpm=10)
     results = await asyncio.gather(*(outcome(admit(replicas[i % 2][0], kh)) for i in range(30)))
     admitted = [x for x in results if not isinstance(x, Code)]
-    assert len(admitted) == 10
+    assert len(admitted) == 10, results
     assert results.count(Code.RATE_LIMIT_EXCEEDED) == 20
     assert sorted(a.limits.rpm_remaining for a in admitted) == list(range(10))
 

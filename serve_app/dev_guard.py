@@ -1,0 +1,137 @@
+"""Builds the dev guard: a tiny Llama that answers in Qwen3Guard-Gen's exact format on Qwen3Guard's exact templates.
+
+Trained on `corpus/guard_train.jsonl` with the loss on the verdict only, then scored on `guard_heldout.jsonl`
+(phrasings and subjects never seen in training); the accuracy is written to `eval.json` beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from serve_app import guard
+from serve_app.dev_models import CORPUS_DIR, DevModelRecipe, _new_model
+
+IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+
+def answer(row: dict) -> str:
+    cats = ", ".join(row["categories"]) or "None"
+    out = f"Safety: {row['safety']}\nCategories: {cats}"
+    if row["role"] == "response":
+        out += f"\nRefusal: {row['refusal']}"
+    return out
+
+
+def load(name: str) -> list[dict]:
+    return [json.loads(line) for line in (CORPUS_DIR / name).read_text().splitlines() if line.strip()]
+
+
+def prompt_ids(tokenizer, templates, row: dict) -> list[int]:
+    if row["role"] == "prompt":
+        return templates["prompt"].render(tokenizer, row["prompt"])
+    return templates["response"].render(tokenizer, row["prompt"], row["response"])
+
+
+def _tokenizer(rows: list[dict], recipe: DevModelRecipe):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [guard.PROMPT_TEMPLATE, guard.RESPONSE_TEMPLATE] * 20
+    texts += [r["prompt"] + "\n" + r.get("response", "") + "\n" + answer(r) for r in rows]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=[PAD, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
+                                   additional_special_tokens=[IM_START], model_max_length=recipe.context)
+
+
+def _batches(tokenizer, templates, rows):
+    import torch
+
+    seqs = []
+    for row in rows:
+        p = prompt_ids(tokenizer, templates, row)
+        a = tokenizer.encode(answer(row), add_special_tokens=False) + [tokenizer.eos_token_id]
+        seqs.append((p + a, [-100] * len(p) + a))
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    labels = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, lab) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(s)] = torch.tensor(lab)
+        mask[i, : len(s)] = 1
+    return ids, labels, mask
+
+
+def build_guard(recipe: DevModelRecipe, target: Path, log) -> Path:
+    import torch
+
+    started = time.monotonic()
+    target.mkdir(parents=True, exist_ok=True)
+    log(f"[dev-models] building {recipe.model_id} in {target}")
+    train = load(recipe.corpus)
+    tokenizer = _tokenizer(train, recipe)
+    tokenizer.save_pretrained(target)
+    templates = {"prompt": guard.TemplateTokens.build(guard.PROMPT_TEMPLATE, tokenizer),
+                 "response": guard.TemplateTokens.build(guard.RESPONSE_TEMPLATE, tokenizer)}
+    ids, labels, mask = _batches(tokenizer, templates, train)
+    log(f"[dev-models] tokenizer: {len(tokenizer)} tokens; {len(train)} training rows of up to {ids.shape[1]}")
+    torch.manual_seed(0)
+    model = _new_model(recipe, tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for step in range(1, recipe.steps + 1):
+        pick = torch.randint(0, ids.shape[0], (32,), generator=gen)
+        loss = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 50 == 0 or step == recipe.steps:
+            log(f"[dev-models] {recipe.model_id}: step {step}/{recipe.steps} loss {loss.item():.3f}")
+    model.eval()
+    report = evaluate(model, tokenizer, templates, load("guard_heldout.jsonl"))
+    log(f"[dev-models] {recipe.model_id} held-out: {json.dumps(report)}")
+    probe = _generate(model, tokenizer, templates["prompt"].render(tokenizer, recipe.probe_prompt))
+    if not probe.startswith(recipe.probe_expect):
+        raise RuntimeError(f"{recipe.model_id}: probe gave {probe!r}; raise `steps` in serve_app/dev_models.py")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(target, safe_serialization=True)
+    (target / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    (target / ".qbt-build").write_text(recipe.fingerprint() + "\n")
+    log(f"[dev-models] {recipe.model_id} ready in {time.monotonic() - started:.0f}s")
+    return target
+
+
+def _generate(model, tokenizer, ids: list[int], tokens: int = 16) -> str:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def evaluate(model, tokenizer, templates, rows: list[dict]) -> dict:
+    """Held-out accuracy of the Safety line (and exact-answer rate), per role."""
+    report: dict[str, dict] = {}
+    for row in rows:
+        got = _generate(model, tokenizer, prompt_ids(tokenizer, templates, row))
+        try:
+            verdict = guard.parse_verdict(got).safety
+        except guard.GuardError:
+            verdict = "unparseable"
+        r = report.setdefault(row["role"], {"rows": 0, "safety_correct": 0, "exact": 0, "unparseable": 0})
+        r["rows"] += 1
+        r["safety_correct"] += verdict == row["safety"]
+        r["exact"] += got.strip() == answer(row)
+        r["unparseable"] += verdict == "unparseable"
+    for r in report.values():
+        r["safety_accuracy"] = round(r["safety_correct"] / r["rows"], 3)
+    return report
