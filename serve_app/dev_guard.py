@@ -118,20 +118,30 @@ def _generate(model, tokenizer, ids: list[int], tokens: int = 16) -> str:
     return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
-def evaluate(model, tokenizer, templates, rows: list[dict]) -> dict:
-    """Held-out accuracy of the Safety line (and exact-answer rate), per role."""
+def evaluate(model, tokenizer, templates, rows: list[dict], batch: int = 32) -> dict:
+    """Held-out scores under greedy decoding, computed teacher-forced in one pass per batch: greedy decoding
+    produces a gold prefix exactly when every position's argmax is the gold token."""
+    import torch
+
     report: dict[str, dict] = {}
-    for row in rows:
-        got = _generate(model, tokenizer, prompt_ids(tokenizer, templates, row))
-        try:
-            verdict = guard.parse_verdict(got).safety
-        except guard.GuardError:
-            verdict = "unparseable"
-        r = report.setdefault(row["role"], {"rows": 0, "safety_correct": 0, "exact": 0, "unparseable": 0})
-        r["rows"] += 1
-        r["safety_correct"] += verdict == row["safety"]
-        r["exact"] += got.strip() == answer(row)
-        r["unparseable"] += verdict == "unparseable"
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        ids, labels, mask = _batches(tokenizer, templates, chunk)
+        with torch.no_grad():
+            pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        for i, row in enumerate(chunk):
+            positions = (labels[i, 1:] != -100).nonzero().flatten()
+            hits = (pred[i, positions] == labels[i, positions + 1]).tolist()
+            first_line = len(tokenizer.encode(answer(row).split("\n")[0], add_special_tokens=False))
+            safety_ok = all(hits[:first_line])
+            r = report.setdefault(row["role"], {"rows": 0, "safety_correct": 0, "exact": 0, "unsafe_rows": 0,
+                                                "unsafe_flagged": 0, "safe_rows": 0, "safe_passed": 0})
+            r["rows"] += 1
+            r["safety_correct"] += safety_ok
+            r["exact"] += all(hits)
+            kind = "unsafe" if row["safety"] == "Unsafe" else "safe"
+            r[f"{kind}_rows"] += 1
+            r["unsafe_flagged" if kind == "unsafe" else "safe_passed"] += safety_ok
     for r in report.values():
         r["safety_accuracy"] = round(r["safety_correct"] / r["rows"], 3)
     return report
