@@ -52,7 +52,8 @@ def show_account(r, name: str) -> dict:
             "keys": len(r.smembers(store.account_keys(name)))}
 
 
-def create_key(r, account: str, rpm: int | None = None, tpm: int | None = None) -> tuple[str, str]:
+def create_key(r, account: str, rpm: int | None = None, tpm: int | None = None,
+               guard: str | None = None) -> tuple[str, str]:
     """Returns (key, key_id); the key itself is not stored anywhere."""
     _require(r, account)
     key = auth.new_key()
@@ -63,6 +64,11 @@ def create_key(r, account: str, rpm: int | None = None, tpm: int | None = None) 
         fields["rpm"] = rpm
     if tpm is not None:
         fields["tpm"] = tpm
+    if guard is not None:
+        from serve_app.guard import GuardPolicy
+
+        GuardPolicy.parse(guard, GuardPolicy())  # refuses an unknown mode before it is stored
+        fields["guard"] = guard
     r.hset(store.key_record(digest), mapping=fields)
     r.sadd(store.account_keys(account), digest)
     return key, kid
@@ -83,7 +89,7 @@ def list_keys(r, account: str) -> list[dict]:
     for digest in sorted(r.smembers(store.account_keys(account))):
         k = r.hgetall(store.key_record(digest))
         out.append({"key_id": k.get("key_id"), "revoked": k.get("revoked") == "1",
-                    "rpm": int(k["rpm"]) if "rpm" in k else None, "tpm": int(k["tpm"]) if "tpm" in k else None})
+                    "rpm": int(k["rpm"]) if "rpm" in k else None, "tpm": int(k["tpm"]) if "tpm" in k else None, "guard": k.get("guard")})
     return out
 
 

@@ -37,7 +37,7 @@ for _, rid in ipairs(expired) do
   redis.call('ZREM', KEYS[3], rid)
 end
 
-local k = redis.call('HMGET', KEYS[1], 'account', 'key_id', 'revoked', 'rpm', 'tpm', 'rpm_tat', 'tpm_tat')
+local k = redis.call('HMGET', KEYS[1], 'account', 'key_id', 'revoked', 'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'guard')
 if not k[1] or k[3] == '1' then return {'invalid_api_key'} end
 local acct = '%(prefix)s:acct:' .. k[1]
 local prompt, completion = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -80,7 +80,7 @@ redis.call('HSET', '%(prefix)s:rsv:' .. rid, 'account', k[1], 'key_id', k[2], 'r
   'model', ARGV[9], 'created', now, 'keyrec', KEYS[1], 'pin', pin, 'pout', pout, 'tpm', tpm,
   'request_id', ARGV[10])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), rid)
-return {'ok', k[1], k[2], cost, rpm, r_rem, r_reset, tpm, t_rem, t_reset}
+return {'ok', k[1], k[2], cost, rpm, r_rem, r_reset, tpm, t_rem, t_reset, k[8]}
 """ % {"prefix": store.PREFIX, "batch": RECONCILE_BATCH}
 
 
@@ -92,6 +92,7 @@ class Admission:
     key_id: str
     reserved_micros: int
     limits: LimitState
+    guard: str | None = None
 
 
 @dataclass(slots=True)
@@ -124,8 +125,9 @@ class Admitter:
                            "unmetered. Retry shortly.", headers={"Retry-After": "5"}) from None
         verdict = res[0]
         if verdict == "ok":
-            _, account, key_id, cost, *limits = res
-            return Admission(completion_id, request_id, account, key_id, int(cost), LimitState.from_script(limits))
+            _, account, key_id, cost, *limits, guard = res
+            return Admission(completion_id, request_id, account, key_id, int(cost), LimitState.from_script(limits),
+                             guard)
         if verdict == "invalid_api_key":
             raise ApiError(Code.INVALID_API_KEY, "Invalid API key: the key is unknown or has been revoked.")
         if verdict == "insufficient_funds":

@@ -125,6 +125,25 @@ class IngressSpec(BaseModel):
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 1000
 
 
+class GuardConfig(BaseModel):
+    """The safety stage: which safety model judges, and the policy for keys that do not set their own."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    default_mode: str = "both"
+    block_controversial: bool = True
+    fail_open: bool = False
+    timeout_s: Annotated[float, Field(gt=0)] = 10
+    stream_window_tokens: Annotated[int, Field(ge=1)] = 16
+
+    @field_validator("default_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v not in ("off", "input", "output", "both"):
+            raise ValueError("default_mode must be off, input, output or both")
+        return v
+
+
 class ServiceConfig(BaseModel):
     """The `args` of the Serve application."""
 
@@ -139,6 +158,7 @@ class ServiceConfig(BaseModel):
     reservation_ttl_s: Annotated[float, Field(gt=0)] = 900
     first_item_timeout_s: Annotated[float, Field(gt=0)] = 120
     health_timeout_s: Annotated[float, Field(gt=0)] = 5
+    guard: GuardConfig | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> ServiceConfig:
@@ -146,6 +166,10 @@ class ServiceConfig(BaseModel):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"model ids must be unique; repeated: {dupes}")
+        if self.guard is not None:
+            spec = next((m for m in self.models if m.id == self.guard.model), None)
+            if spec is None or spec.category is not Category.SAFETY:
+                raise ValueError(f"guard.model {self.guard.model!r} must be one of the models, of category safety")
         return self
 
 

@@ -62,7 +62,7 @@ def cmd_keys(args) -> int:
             accounts.create_account(r, args.account, "0")
             print(f"created account {args.account} with no credit (top it up: qbt accounts topup "
                   f"{args.account} USD)")
-        key, kid = accounts.create_key(r, args.account, rpm=args.rpm, tpm=args.tpm)
+        key, kid = accounts.create_key(r, args.account, rpm=args.rpm, tpm=args.tpm, guard=args.guard)
         print(f"key id {kid} for account {args.account}; the key is shown once:")
         print(key)
     elif args.action == "revoke":
@@ -120,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     kc.add_argument("--account", default="default")
     kc.add_argument("--rpm", type=int, default=None)
     kc.add_argument("--tpm", type=int, default=None)
+    kc.add_argument("--guard", default=None, help="off|input|output|both, optionally ',loose' (Controversial "
+                    "passes) and ',open' (traffic passes when the guard is down); default: the config's")
     kr = k.add_parser("revoke")
     kr.add_argument("key")
     kl = k.add_parser("list")

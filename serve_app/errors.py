@@ -15,6 +15,7 @@ class Code(str, Enum):
     UPSTREAM_ERROR = "upstream_error"
     SERVICE_UNAVAILABLE = "service_unavailable"
     NOT_FOUND = "not_found"
+    CONTENT_FILTER = "content_filter"
 
 
 STATUS = {
@@ -23,6 +24,7 @@ STATUS = {
     Code.INVALID_API_KEY: 401,
     Code.INSUFFICIENT_FUNDS: 402,
     Code.NOT_FOUND: 404,
+    Code.CONTENT_FILTER: 400,
     Code.RATE_LIMIT_EXCEEDED: 429,
     Code.UPSTREAM_ERROR: 502,
     Code.SERVICE_UNAVAILABLE: 503,
@@ -34,6 +36,7 @@ TYPES = {
     Code.INVALID_API_KEY: "authentication_error",
     Code.INSUFFICIENT_FUNDS: "insufficient_funds",
     Code.NOT_FOUND: "invalid_request_error",
+    Code.CONTENT_FILTER: "invalid_request_error",
     Code.RATE_LIMIT_EXCEEDED: "rate_limit_error",
     Code.UPSTREAM_ERROR: "upstream_error",
     Code.SERVICE_UNAVAILABLE: "service_unavailable",
@@ -44,12 +47,13 @@ class ApiError(Exception):
     """Raised anywhere on the request path; the ingress renders it as the envelope with its HTTP status."""
 
     def __init__(self, code: Code, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, detail: dict | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.headers = headers or {}
+        self.detail = detail or {}
 
     @property
     def status(self) -> int:
@@ -57,7 +61,7 @@ class ApiError(Exception):
 
     def envelope(self) -> dict:
         return {"error": {"message": self.message, "type": TYPES[self.code], "param": self.param,
-                          "code": self.code.value}}
+                          "code": self.code.value, **self.detail}}
 
     def body(self) -> bytes:
         return json.dumps(self.envelope()).encode()

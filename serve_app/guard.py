@@ -7,7 +7,9 @@ verdict. A guard answer that does not parse is a guard error, never "safe".
 
 from __future__ import annotations
 
+import asyncio
 import re
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -98,13 +100,20 @@ class TemplateTokens:
         return cls([tokenizer.encode(p, add_special_tokens=False) for p in parts])
 
     def render(self, tokenizer, *texts: str) -> list[int]:
-        if len(texts) != len(self.pieces) - 1:
+        return self.splice(*(user_tokens(tokenizer, t) for t in texts))
+
+    def splice(self, *segments: list[int]) -> list[int]:
+        if len(segments) != len(self.pieces) - 1:
             raise ValueError("wrong number of texts for this template")
         ids = list(self.pieces[0])
-        for text, piece in zip(texts, self.pieces[1:]):
-            ids += user_tokens(tokenizer, text)
+        for segment, piece in zip(segments, self.pieces[1:]):
+            ids += segment
             ids += piece
         return ids
+
+    @property
+    def overhead(self) -> int:
+        return sum(len(p) for p in self.pieces)
 
 
 def user_tokens(tokenizer, text: str) -> list[int]:
@@ -118,3 +127,121 @@ def render_text(template: str, **texts: str) -> str:
     for name, value in texts.items():
         out = out.replace("{" + name + "}", value)
     return out
+
+
+class Moderator:
+    """Asks the guard deployment for verdicts. Guard tokens are never metered to the customer."""
+
+    VERDICT_TOKENS = 32
+
+    def __init__(self, route, timeout_s: float):
+        self.route = route
+        self.tokenizer = route.tokenizer
+        self.timeout_s = timeout_s
+        self.prompt_template = TemplateTokens.build(PROMPT_TEMPLATE, self.tokenizer)
+        self.response_template = TemplateTokens.build(RESPONSE_TEMPLATE, self.tokenizer)
+        self.budget = route.spec.max_model_len - self.response_template.overhead - self.VERDICT_TOKENS
+
+    async def check_prompts(self, texts: list[str]) -> tuple[int, Verdict] | None:
+        """The first (prompt index, verdict) that is not Safe, or None; text too long for the guard's context is
+        checked in consecutive windows."""
+        jobs = [(i, self.prompt_template.splice(w)) for i, text in enumerate(texts)
+                for w in self._windows(user_tokens(self.tokenizer, text))]
+        verdicts = await asyncio.gather(*(self._ask(ids) for _, ids in jobs))
+        return next(((i, v) for (i, _), v in zip(jobs, verdicts) if v.safety != "Safe"), None)
+
+    async def check_response(self, prompt: str, response: str) -> Verdict:
+        budget = self.budget // 2
+        p = user_tokens(self.tokenizer, prompt)[-budget:]
+        r = user_tokens(self.tokenizer, response)
+        verdicts = await asyncio.gather(*(self._ask(self.response_template.splice(p, w))
+                                          for w in self._windows(r, budget)))
+        return next((v for v in verdicts if v.safety != "Safe"), verdicts[0])
+
+    def _windows(self, ids: list[int], budget: int | None = None) -> list[list[int]]:
+        size = max(budget or self.budget, 1)
+        return [ids[i:i + size] for i in range(0, len(ids), size)] or [[]]
+
+    async def _ask(self, ids: list[int]) -> Verdict:
+        from deployments.wire import GenerationRequest
+
+        req = GenerationRequest(request_id="guard-" + uuid.uuid4().hex, prompts=[ids], prompt_texts=[None],
+                                sampling={"temperature": 0.0}, max_tokens=self.VERDICT_TOKENS)
+        try:
+            choices, _ = await asyncio.wait_for(self.route.complete.remote(req), self.timeout_s)
+        except Exception as exc:
+            raise GuardError(f"guard unavailable: {type(exc).__name__}") from exc
+        return parse_verdict(choices[0]["text"])
+
+
+CONTENT_FILTER = "content_filter"
+
+
+def withheld(index: int) -> dict:
+    return {"text": "", "index": index, "logprobs": None, "finish_reason": CONTENT_FILTER}
+
+
+async def moderate_choices(moderator: Moderator, prompts: list[str], n: int, choices: list[dict],
+                           policy: GuardPolicy) -> list[dict]:
+    """Non-streaming output moderation: every choice is checked; a blocked one is withheld."""
+    verdicts = await asyncio.gather(*(moderator.check_response(prompts[c["index"] // n], c["text"])
+                                      for c in choices))  # GuardError: the caller applies the failure mode
+    return [withheld(c["index"]) if v.blocks(policy) else c for c, v in zip(choices, verdicts)]
+
+
+class StreamGate:
+    """Streaming output moderation: text is held back and released in windows, each after the guard passed the
+    cumulative text of its choice; the end of the stream is checked too. Unsafe ends every open choice with
+    finish_reason content_filter."""
+
+    def __init__(self, moderator: Moderator, prompts: list[str], n: int, policy: GuardPolicy, window_tokens: int):
+        self.moderator = moderator
+        self.prompts = prompts
+        self.n = n
+        self.policy = policy
+        self.window = window_tokens
+        self.pending: dict[int, dict] = {}
+        self.text: dict[int, str] = {}
+        self.finished: set[int] = set()
+        self.checked_at = 0
+        self.blocked: Verdict | None = None
+
+    def add(self, choices: list[dict]) -> None:
+        for c in choices:
+            i = c["index"]
+            self.text[i] = self.text.get(i, "") + c["text"]
+            held = self.pending.get(i)
+            if held is None:
+                self.pending[i] = dict(c)
+            else:
+                held["text"] += c["text"]
+                held["finish_reason"] = c["finish_reason"]
+                if c["logprobs"] is not None:
+                    held["logprobs"] = {k: held["logprobs"][k] + c["logprobs"][k] for k in c["logprobs"]}
+            if c["finish_reason"] is not None:
+                self.finished.add(i)
+
+    def due(self, tokens: int) -> bool:
+        return tokens - self.checked_at >= self.window
+
+    async def release(self, tokens: int) -> list[dict]:
+        """Checks the pending choices; returns what may go to the client (withheld endings when blocked)."""
+        self.checked_at = tokens
+        indices = sorted(self.pending)
+        if not indices:
+            return []
+        try:
+            verdicts = await asyncio.gather(*(self.moderator.check_response(self.prompts[i // self.n], self.text[i])
+                                              for i in indices))
+        except GuardError:
+            if not self.policy.fail_open:
+                raise
+            verdicts = []
+        self.blocked = next((v for v in verdicts if v.blocks(self.policy)), None)
+        if self.blocked is not None:
+            open_choices = sorted(set(self.text) - self.finished | set(indices))
+            self.pending.clear()
+            return [withheld(i) for i in open_choices]
+        out = [self.pending[i] for i in indices]
+        self.pending.clear()
+        return out

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ray import serve
 from starlette.applications import Starlette
@@ -23,6 +23,7 @@ from serve_app import auth, store
 from serve_app.admission import Admission, Admitter, Prices
 from serve_app.catalog import ServiceConfig
 from serve_app.errors import ApiError, Code, invalid, upstream
+from serve_app.guard import GuardError, GuardMode, GuardPolicy, Moderator, StreamGate, moderate_choices
 from serve_app.ledger import Ledger, Settlement
 from serve_app.prompts import Prompts, tokenize
 from serve_app.protocol import CompletionRequest, parse_completion_request
@@ -34,10 +35,29 @@ log = logging.getLogger("qbt.ingress")
 JSON = "application/json"
 
 
+CHARGED = ("ok", "disconnected", "output_filtered")
+
+
 @dataclass(slots=True)
 class Outcome:
+    """How a request ended, for its ledger row: statuses in CHARGED pay for the tokens produced, others nothing."""
+
     usage: Usage
     status: str = "disconnected"
+
+
+@dataclass(slots=True)
+class Call:
+    """One admitted request on its way through the path."""
+
+    route: Route
+    gen: GenerationRequest
+    frame: CompletionFrame
+    admission: Admission
+    headers: dict
+    policy: GuardPolicy
+    texts: list[str] = field(default_factory=list)
+    input_check: asyncio.Task | None = None
 
 
 @serve.deployment
@@ -51,6 +71,11 @@ class Ingress:
         self.admitter = Admitter(self.redis, self.config.default_rpm, self.config.default_tpm,
                                  self.config.reservation_ttl_s)
         self.ledger = Ledger(self.redis)
+        self.moderator, self.default_policy = None, GuardPolicy()
+        if self.config.guard is not None:
+            g = self.config.guard
+            self.moderator = Moderator(self.router.routes[g.model], g.timeout_s)
+            self.default_policy = GuardPolicy(GuardMode(g.default_mode), g.block_controversial, g.fail_open)
         self._background: set[asyncio.Task] = set()
         self._created = int(time.time())
 
@@ -62,6 +87,8 @@ class Ingress:
             exception_handlers={HTTPException: _http_exception, Exception: _unexpected})
 
     async def completions(self, request: Request) -> Response:
+        """The request path: authenticate and validate, route, tokenize, admit; then the input guard runs beside
+        generation, tokens stream (through the output guard), and the request settles."""
         completion_id = "cmpl-" + uuid.uuid4().hex
         request_id = request.headers.get("x-request-id", completion_id)[:128]
         try:
@@ -75,67 +102,130 @@ class Ingress:
                 prompts.tokens, max_completion_tokens(req, prompts))
         except ApiError as exc:
             return error_response(exc)
-        gen = generation_request(completion_id, req, prompts)
-        frame = CompletionFrame(completion_id, int(time.time()), route.spec.id, req.include_usage)
-        headers = admission.limits.headers()
+        call = Call(route, generation_request(completion_id, req, prompts),
+                    CompletionFrame(completion_id, int(time.time()), route.spec.id, req.include_usage),
+                    admission, admission.limits.headers(), self._policy(admission))
+        if call.policy.mode is not GuardMode.OFF:
+            call.texts = prompt_texts(prompts, route.tokenizer)
+        if call.policy.mode.checks_input:
+            call.input_check = asyncio.create_task(self.moderator.check_prompts(call.texts))
         if req.stream:
-            return await self._stream(route, gen, frame, admission, headers)
-        return await self._complete(route, gen, frame, admission, headers)
+            return await self._stream(call)
+        return await self._complete(call)
 
-    async def _complete(self, route: Route, gen: GenerationRequest, frame: CompletionFrame,
-                        admission: Admission, headers: dict) -> Response:
-        outcome = Outcome(Usage(prompt_tokens=sum(len(p) for p in gen.prompts)))
+    def _policy(self, admission: Admission) -> GuardPolicy:
+        if self.moderator is None:
+            return GuardPolicy()
+        return GuardPolicy.parse(admission.guard, self.default_policy)
+
+    async def _input_verdict(self, call: Call) -> ApiError | None:
+        """The input guard's answer, awaited only once generation has been started beside it."""
+        if call.input_check is None:
+            return None
         try:
-            choices, outcome.usage = await route.complete.remote(gen)
+            found = await call.input_check
+        except GuardError as exc:
+            return self._guard_failed(call, exc)
+        if found is None or not found[1].blocks(call.policy):
+            return None
+        index, verdict = found
+        return ApiError(Code.CONTENT_FILTER, f"The prompt was refused by the safety guard ({verdict.safety}: "
+                        f"{', '.join(verdict.categories)}).", "prompt",
+                        detail={"guard": {**verdict.as_dict(), "prompt_index": index}})
+
+    def _guard_failed(self, call: Call, exc: GuardError) -> ApiError | None:
+        log.warning("guard failed for %s: %s", call.admission.completion_id, exc)
+        if call.policy.fail_open:
+            call.headers["x-qbt-guard"] = "unavailable"
+            return None
+        return upstream("The safety guard is unavailable; the request was not served. Retry shortly.")
+
+    async def _complete(self, call: Call) -> Response:
+        outcome = Outcome(Usage(prompt_tokens=sum(len(p) for p in call.gen.prompts)))
+        response = call.route.complete.remote(call.gen)
+        try:
+            refused = await self._input_verdict(call)
+            if refused is not None:
+                response.cancel()
+                return await self._refuse(call, outcome, refused)
+            choices, outcome.usage = await response
             outcome.status = "ok"
+            if call.policy.mode.checks_output:
+                try:
+                    choices = await moderate_choices(self.moderator, call.texts, call.gen.n, choices, call.policy)
+                except GuardError as exc:
+                    if (refused := self._guard_failed(call, exc)) is not None:
+                        return await self._refuse(call, outcome, refused)
         except Exception as exc:
-            error = classify(exc, route.spec.id)
-            outcome.status = error.code.value
-            await self._settle(admission, outcome)
-            return error_response(error, headers)
+            return await self._refuse(call, outcome, classify(exc, call.route.spec.id))
         finally:
             if outcome.status == "disconnected":
-                self._settle_later(admission, outcome)
-        await self._settle(admission, outcome)
-        return Response(dumps(frame.obj(choices, outcome.usage.as_dict())), headers=headers, media_type=JSON)
+                response.cancel()
+                self._settle_later(call.admission, outcome)
+        await self._settle(call.admission, outcome)
+        return Response(dumps(call.frame.obj(choices, outcome.usage.as_dict())), headers=call.headers,
+                        media_type=JSON)
 
-    async def _stream(self, route: Route, gen: GenerationRequest, frame: CompletionFrame, admission: Admission,
-                      headers: dict) -> Response:
-        """Waits for the first item so that a failure before any byte is a plain HTTP error."""
-        stream = route.stream.remote(gen)
+    async def _refuse(self, call: Call, outcome: Outcome, error: ApiError) -> Response:
+        outcome.status = error.code.value
+        await self._settle(call.admission, outcome)
+        return error_response(error, call.headers)
+
+    async def _stream(self, call: Call) -> Response:
+        """Waits for the first item and the input verdict, so that a failure or refusal before any byte is a plain
+        HTTP error, and no token leaves before the input guard has passed the prompt."""
+        stream = call.route.stream.remote(call.gen)
+        outcome = Outcome(Usage(prompt_tokens=sum(len(p) for p in call.gen.prompts)))
         try:
             first = await asyncio.wait_for(stream.__anext__(), self.config.first_item_timeout_s)
-        except (Exception, asyncio.CancelledError) as exc:
+            refused = await self._input_verdict(call)
+        except asyncio.CancelledError:
             stream.cancel()
-            error = classify(exc, route.spec.id)
-            outcome = Outcome(Usage(prompt_tokens=sum(len(p) for p in gen.prompts)), error.code.value)
-            if isinstance(exc, asyncio.CancelledError):
-                outcome.status = "disconnected"
-                self._settle_later(admission, outcome)
-                raise
-            await self._settle(admission, outcome)
-            return error_response(error, headers)
-        return StreamingResponse(self._events(route, stream, first, frame, admission), headers=headers,
+            self._settle_later(call.admission, outcome)
+            raise
+        except Exception as exc:
+            refused = classify(exc, call.route.spec.id)
+        if refused is not None:
+            stream.cancel()
+            return await self._refuse(call, outcome, refused)
+        gate = None
+        if call.policy.mode.checks_output:
+            gate = StreamGate(self.moderator, call.texts, call.gen.n, call.policy,
+                              self.config.guard.stream_window_tokens)
+        return StreamingResponse(self._events(call, stream, first, gate), headers=call.headers,
                                  media_type="text/event-stream")
 
-    async def _events(self, route: Route, stream, first: StreamItem, frame: CompletionFrame,
-                      admission: Admission):
+    async def _events(self, call: Call, stream, first: StreamItem, gate: StreamGate | None):
+        frame = call.frame
         outcome = Outcome(first.usage)
         error = None
         try:
-            yield frame.chunk(first.choices)
-            async for item in stream:
+            item = first
+            while item is not None:
                 outcome.usage = item.usage
-                yield frame.chunk(item.choices)
-            outcome.status = "ok"
+                if gate is None:
+                    yield frame.chunk(item.choices)
+                else:
+                    gate.add(item.choices)
+                    if gate.due(item.usage.completion_tokens) and (released := await gate.release(
+                            item.usage.completion_tokens)):
+                        yield frame.chunk(released)
+                    if gate.blocked is not None:
+                        break
+                item = await anext(stream, None)
+            if gate is not None and gate.blocked is None and (released := await gate.release(
+                    outcome.usage.completion_tokens)):
+                yield frame.chunk(released)
+            outcome.status = "output_filtered" if gate is not None and gate.blocked is not None else "ok"
         except Exception as exc:
-            error = classify(exc, route.spec.id)
+            error = classify(exc, call.route.spec.id)
             outcome.status = error.code.value
         finally:
-            if outcome.status == "disconnected":
+            if outcome.status in ("disconnected", "output_filtered") or error is not None:
                 stream.cancel()
-                self._settle_later(admission, outcome)
-        await self._settle(admission, outcome)
+            if outcome.status == "disconnected":
+                self._settle_later(call.admission, outcome)
+        await self._settle(call.admission, outcome)
         if error is not None:
             yield event(error.envelope())
         elif frame.include_usage:
@@ -145,7 +235,7 @@ class Ingress:
     async def _settle(self, admission: Admission, outcome: Outcome) -> None:
         await self.ledger.settle(Settlement(
             admission.completion_id, outcome.usage.prompt_tokens, outcome.usage.completion_tokens, outcome.status,
-            charge=outcome.status in ("ok", "disconnected")))
+            charge=outcome.status in CHARGED))
 
     def _settle_later(self, admission: Admission, outcome: Outcome) -> None:
         """Settles outside the cancelled request's scope, so a disconnect cannot skip the ledger."""
@@ -185,6 +275,12 @@ def max_completion_tokens(req: CompletionRequest, prompts: Prompts) -> int:
     """The worst case the reservation covers: every candidate of every prompt runs to max_tokens."""
     candidates = max(req.best_of or 1, req.choices_per_prompt)
     return (req.max_tokens if req.max_tokens is not None else 16) * candidates * len(prompts.ids)
+
+
+def prompt_texts(prompts: Prompts, tokenizer) -> list[str]:
+    """What the guard reads: the prompt text, or token-id prompts decoded."""
+    return [t if t is not None else tokenizer.decode(ids, skip_special_tokens=True)
+            for t, ids in zip(prompts.texts, prompts.ids)]
 
 
 def generation_request(request_id: str, req: CompletionRequest, prompts: Prompts) -> GenerationRequest:

@@ -144,15 +144,17 @@ class Customer:
 
 @pytest.fixture
 def make_customer(redis_server):
-    """An account with the given credit and a key with optional limits."""
+    """An account with the given credit and a key with optional limits. Keys skip the guard unless a test asks
+    for it (`guard=None` takes the config's default), so that spine tests do not depend on the dev guard."""
     from serve_app import accounts, store
 
     r = store.sync_client(redis_server.url)
 
-    def make(credits: str = "10", rpm: int | None = None, tpm: int | None = None) -> Customer:
+    def make(credits: str = "10", rpm: int | None = None, tpm: int | None = None, guard: str | None = "off"
+             ) -> Customer:
         name = "t-" + uuid.uuid4().hex[:10]
         accounts.create_account(r, name, credits)
-        key, _ = accounts.create_key(r, name, rpm=rpm, tpm=tpm)
+        key, _ = accounts.create_key(r, name, rpm=rpm, tpm=tpm, guard=guard)
         return Customer(name, key)
 
     return make

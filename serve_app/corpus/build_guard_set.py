@@ -1,6 +1,7 @@
 """Writes the dev guard's synthetic moderation set: `guard_train.jsonl` and `guard_heldout.jsonl`.
 
 Harmful requests across categories and a larger benign set, composed from actions, objects and frames (phrasings).
+Ordinary text (the dev LLM's corpus, cut into prompt and continuation) is benign too.
 About a fifth of the action-object pairs, and three of the frames, are kept for the held-out split only, so its
 accuracy measures requests the model never saw, phrased in ways it never saw. Deterministic:
 `python serve_app/corpus/build_guard_set.py` rewrites the same files.
@@ -83,6 +84,15 @@ def rows(split: str, rng: random.Random) -> list[dict]:
         if rng.random() < 0.2:
             out.append({"role": "response", "prompt": prompt, "response": f"Sure. Here is how to {subject}.",
                         "safety": "Safe", "categories": [], "refusal": "No"})
+    for line in (HERE / "dev_llm.txt").read_text().splitlines():
+        words = line.split()
+        if len(words) < 4 or not keep(line):
+            continue
+        cut = rng.randint(2, len(words) - 1)
+        prompt, response = " ".join(words[:cut]), " " + " ".join(words[cut:])
+        out.append({"role": "prompt", "prompt": prompt, "safety": "Safe", "categories": []})
+        out.append({"role": "response", "prompt": prompt, "response": response, "safety": "Safe",
+                    "categories": [], "refusal": "No"})
     rng.shuffle(out)
     return out
 

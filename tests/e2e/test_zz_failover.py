@@ -81,3 +81,28 @@ def test_replica_death_is_upstream_error_and_service_recovers(stack, customer, r
     res = httpx.post(stack.base_url + "/v1/completions", headers=auth, timeout=120,
                      json={"model": MODEL, "prompt": "The capital of Canada is", "max_tokens": 4, "temperature": 0})
     assert res.status_code == 200 and res.json()["choices"][0]["text"].startswith(" Ottawa")
+
+
+def guard_process(stack) -> psutil.Process:
+    for p in stack.descendants():
+        try:
+            if "ServeReplica:qbt:model-qbt-dev-guard" in " ".join(p.cmdline()):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError("no guard replica process under the launcher")
+
+
+def test_guard_down_closed_is_502_open_passes_marked(stack, make_customer):
+    closed, open_ = make_customer(guard="input"), make_customer(guard="input,strict,open")
+    body = {"model": MODEL, "prompt": "The capital of Canada is", "max_tokens": 4, "temperature": 0}
+    guard_process(stack).send_signal(signal.SIGKILL)
+    time.sleep(1)
+    res = httpx.post(stack.base_url + "/v1/completions", json=body, timeout=120,
+                     headers={"Authorization": f"Bearer {closed.key}"})
+    assert res.status_code == 502 and res.json()["error"]["code"] == "upstream_error"
+    assert "guard" in res.json()["error"]["message"]
+    res = httpx.post(stack.base_url + "/v1/completions", json=body, timeout=120,
+                     headers={"Authorization": f"Bearer {open_.key}"})
+    assert res.status_code == 200 and res.headers["x-qbt-guard"] == "unavailable"
+    assert res.json()["choices"][0]["text"].startswith(" Ottawa")
