@@ -11,19 +11,41 @@ from serve_app.catalog import ModelSpec, ServiceConfig
 from serve_app.ingress import Ingress
 
 
-def model_deployment(spec: ModelSpec) -> Application:
+def placement(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(actor options, deployment options, engine arguments) for the model's accelerators.
+
+    One GPU: the replica actor holds it. Tensor parallel over N: a placement group of N GPU bundles on one node
+    (STRICT_PACK), with vLLM's Ray executor placing its workers in it, as Ray Serve LLM does.
+    """
     actor: dict[str, Any] = {"num_cpus": spec.num_cpus, "runtime_env": {"env_vars": dict(spec.env)}}
-    if spec.num_gpus:
-        actor["num_gpus"] = spec.num_gpus
-    if spec.accelerator_type:
-        actor["accelerator_type"] = spec.accelerator_type
-    options: dict[str, Any] = {"name": spec.deployment_name(), "ray_actor_options": actor,
-                               "max_ongoing_requests": spec.max_ongoing_requests}
+    options: dict[str, Any] = {}
+    engine = spec.engine_kwargs()
+    acc = spec.accelerator
+    if acc is None:
+        if spec.num_gpus:
+            actor["num_gpus"] = spec.num_gpus
+        if spec.accelerator_type:
+            actor["accelerator_type"] = spec.accelerator_type
+    elif acc.count == 1:
+        actor.update(num_gpus=1, accelerator_type=acc.type)
+    else:
+        tag = {f"accelerator_type:{acc.type}": 0.001}
+        options["placement_group_bundles"] = [{"CPU": spec.num_cpus, "GPU": 1, **tag}] + [
+            {"GPU": 1, **tag} for _ in range(acc.count - 1)]
+        options["placement_group_strategy"] = "STRICT_PACK"
+        engine["distributed_executor_backend"] = "ray"
+    return actor, options, engine
+
+
+def model_deployment(spec: ModelSpec) -> Application:
+    actor, options, engine = placement(spec)
+    options.update(name=spec.deployment_name(), ray_actor_options=actor,
+                   max_ongoing_requests=spec.max_ongoing_requests)
     if spec.autoscaling is not None:
         options["autoscaling_config"] = spec.autoscaling.model_dump(exclude_none=True)
     else:
         options["num_replicas"] = spec.num_replicas or 1
-    return ModelServer.options(**options).bind(spec.id, spec.weights_path(), spec.engine_kwargs())
+    return ModelServer.options(**options).bind(spec.id, spec.weights_path(), engine)
 
 
 def build_app(args: dict[str, Any]) -> Application:

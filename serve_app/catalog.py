@@ -61,6 +61,27 @@ class Autoscaling(BaseModel):
         return self
 
 
+class Accelerator(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Annotated[str, Field(min_length=1)]
+    count: Annotated[int, Field(ge=1, le=16)] = 1
+
+
+class Architecture(BaseModel):
+    """What the sizing arithmetic needs: checkpoint size and the KV-cache shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    weights_gib: Annotated[float, Field(gt=0)]
+    layers: Annotated[int, Field(ge=1)]
+    kv_heads: Annotated[int, Field(ge=1)]
+    head_dim: Annotated[int, Field(ge=1)]
+    kv_cache_bytes: Annotated[int, Field(ge=1, le=4)] = 2
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_cache_bytes
+
+
 class ModelSpec(BaseModel):
     """One served model: where its weights come from, how its engine runs, how it scales and what it costs."""
 
@@ -81,6 +102,9 @@ class ModelSpec(BaseModel):
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 64
     env: dict[str, str] = {}
+    accelerator: Accelerator | None = None
+    architecture: Architecture | None = None
+    target_concurrency: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("engine_args")
     @classmethod
@@ -101,7 +125,14 @@ class ModelSpec(BaseModel):
     def _scaling(self) -> ModelSpec:
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set either num_replicas or autoscaling, not both")
+        tp = int(self.engine_args.get("tensor_parallel_size", 1))
+        if self.accelerator is not None and tp != self.accelerator.count:
+            raise ValueError(f"tensor_parallel_size {tp} must equal the accelerator count {self.accelerator.count}")
         return self
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.engine_args.get("tensor_parallel_size", 1))
 
     def weights_path(self) -> str:
         """A local directory for `dev://` sources, otherwise the path or Hugging Face id as given."""

@@ -32,6 +32,32 @@ def cmd_serve(args) -> int:
                          args.startup_timeout)
 
 
+def cmd_config(args) -> int:
+    from serve_app import profiles
+
+    catalog = profiles.load()
+    for name in args.profile:
+        for path, text in profiles.build(name, catalog).items():
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    print(f"{path.relative_to(ROOT)} is out of date: run `qbt config build --profile {name}`",
+                          file=sys.stderr)
+                    return 1
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+def cmd_sizing(args) -> int:
+    from serve_app import profiles, sizing
+
+    catalog = profiles.load()
+    print(sizing.table(catalog.models, catalog.memory_gib()))
+    return 0
+
+
 def cmd_dev_models(args) -> int:
     from serve_app.dev_models import ensure_built
 
@@ -98,6 +124,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=int, default=8, help="logical CPUs declared to Ray")
     s.add_argument("--startup-timeout", type=float, default=600)
     s.set_defaults(func=cmd_serve)
+
+    cfg = sub.add_parser("config").add_subparsers(dest="action", required=True)
+    cb = cfg.add_parser("build", help="render cluster/serve-<profile>.yaml (and the RayService for prod)")
+    cb.add_argument("--profile", action="append", choices=["local", "prod"], required=True)
+    cb.add_argument("--check", action="store_true", help="fail if a checked-in artefact differs")
+    cb.set_defaults(func=cmd_config)
+    cfg.add_parser("sizing", help="the sizing table of the catalog").set_defaults(func=cmd_sizing)
 
     sub.add_parser("dev-models", help="build missing dev models; prints '<model-id> <dir>'").set_defaults(
         func=cmd_dev_models)

@@ -85,6 +85,7 @@ def build_guard(recipe: DevModelRecipe, target: Path, log) -> Path:
     torch.manual_seed(0)
     model = _new_model(recipe, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / recipe.steps)
     gen = torch.Generator().manual_seed(0)
     model.train()
     for step in range(1, recipe.steps + 1):
@@ -92,6 +93,7 @@ def build_guard(recipe: DevModelRecipe, target: Path, log) -> Path:
         loss = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick]).loss
         loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad()
         if step % 50 == 0 or step == recipe.steps:
             log(f"[dev-models] {recipe.model_id}: step {step}/{recipe.steps} loss {loss.item():.3f}")
