@@ -18,7 +18,8 @@ log = logging.getLogger("qbt.engine")
 
 
 class Engine:
-    def __init__(self, model_path: str, model_id: str, engine_args: dict[str, Any]):
+    def __init__(self, model_path: str, model_id: str, engine_args: dict[str, Any], stat_loggers=()):
+        self.stat_loggers = list(stat_loggers)
         self.model_path = model_path
         self.model_id = model_id
         self.engine_args = engine_args
@@ -31,7 +32,8 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=self.model_path, served_model_name=[self.model_id], **self.engine_args)
-        self.llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        self.llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER,
+                                             stat_loggers=self.stat_loggers or None)
         self._tokenizer = self.llm.get_tokenizer()
         log.info("engine for %s started from %s", self.model_id, self.model_path)
 

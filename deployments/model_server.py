@@ -10,7 +10,7 @@ from ray import serve
 
 from deployments.engine import Engine
 from deployments.wire import GenerationRequest, StreamItem
-from serve_app.telemetry import configure_logging
+from serve_app.telemetry import EngineStatsLogger, configure_logging
 
 log = logging.getLogger("qbt.model_server")
 
@@ -19,7 +19,9 @@ log = logging.getLogger("qbt.model_server")
 class ModelServer:
     async def __init__(self, model_id: str, weights_path: str, engine_kwargs: dict):
         configure_logging()
-        self.engine = Engine(weights_path, model_id, engine_kwargs)
+        replica = serve.get_replica_context().replica_id.unique_id
+        stats = EngineStatsLogger(model_id, replica)
+        self.engine = Engine(weights_path, model_id, engine_kwargs, stat_loggers=[stats.factory()])
         await self.engine.start()
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
@@ -134,8 +135,9 @@ class Moderator:
 
     VERDICT_TOKENS = 32
 
-    def __init__(self, route, timeout_s: float):
+    def __init__(self, route, timeout_s: float, metrics=None):
         self.route = route
+        self.metrics = metrics
         self.tokenizer = route.tokenizer
         self.timeout_s = timeout_s
         self.prompt_template = TemplateTokens.build(PROMPT_TEMPLATE, self.tokenizer)
@@ -167,10 +169,14 @@ class Moderator:
 
         req = GenerationRequest(request_id="guard-" + uuid.uuid4().hex, prompts=[ids], prompt_texts=[None],
                                 sampling={"temperature": 0.0}, max_tokens=self.VERDICT_TOKENS)
+        started = time.monotonic()
         try:
             choices, _ = await asyncio.wait_for(self.route.complete.remote(req), self.timeout_s)
         except Exception as exc:
             raise GuardError(f"guard unavailable: {type(exc).__name__}") from exc
+        finally:
+            if self.metrics is not None:
+                self.metrics.guard_latency.observe(time.monotonic() - started)
         return parse_verdict(choices[0]["text"])
 
 

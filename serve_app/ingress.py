@@ -29,7 +29,7 @@ from serve_app.prompts import Prompts, tokenize
 from serve_app.protocol import CompletionRequest, parse_completion_request
 from serve_app.router import Route, Router
 from serve_app.sse import DONE, CompletionFrame, dumps, event
-from serve_app.telemetry import configure_logging
+from serve_app.telemetry import IngressMetrics, RequestRecord, configure_logging, record_request
 
 log = logging.getLogger("qbt.ingress")
 JSON = "application/json"
@@ -56,6 +56,7 @@ class Call:
     admission: Admission
     headers: dict
     policy: GuardPolicy
+    record: RequestRecord
     texts: list[str] = field(default_factory=list)
     input_check: asyncio.Task | None = None
 
@@ -71,10 +72,11 @@ class Ingress:
         self.admitter = Admitter(self.redis, self.config.default_rpm, self.config.default_tpm,
                                  self.config.reservation_ttl_s)
         self.ledger = Ledger(self.redis)
+        self.metrics = IngressMetrics()
         self.moderator, self.default_policy = None, GuardPolicy()
         if self.config.guard is not None:
             g = self.config.guard
-            self.moderator = Moderator(self.router.routes[g.model], g.timeout_s)
+            self.moderator = Moderator(self.router.routes[g.model], g.timeout_s, self.metrics)
             self.default_policy = GuardPolicy(GuardMode(g.default_mode), g.block_controversial, g.fail_open)
         self._background: set[asyncio.Task] = set()
         self._created = int(time.time())
@@ -91,20 +93,24 @@ class Ingress:
         generation, tokens stream (through the output guard), and the request settles."""
         completion_id = "cmpl-" + uuid.uuid4().hex
         request_id = request.headers.get("x-request-id", completion_id)[:128]
+        record = RequestRecord(request_id, completion_id, "unknown")
         try:
             key = auth.bearer_key(request.headers.get("authorization"))
             req = parse_completion_request(await read_json(request, self.config.max_body_bytes))
             route = self.router.route(req.model)
+            record.model, record.stream = route.spec.id, bool(req.stream)
             prompts = tokenize(req, route.spec, route.tokenizer)
             admission = await self.admitter.admit(
                 auth.key_hash(key), completion_id, request_id, route.spec.id,
                 Prices(route.spec.prices.input_micros, route.spec.prices.output_micros),
                 prompts.tokens, max_completion_tokens(req, prompts))
         except ApiError as exc:
+            record_request(self.metrics, record, "refused", exc.code.value, 0, 0, None)
             return error_response(exc)
+        record.account, record.key_id = admission.account, admission.key_id
         call = Call(route, generation_request(completion_id, req, prompts),
                     CompletionFrame(completion_id, int(time.time()), route.spec.id, req.include_usage),
-                    admission, admission.limits.headers(), self._policy(admission))
+                    admission, admission.limits.headers(), self._policy(admission), record)
         if call.policy.mode is not GuardMode.OFF:
             call.texts = prompt_texts(prompts, route.tokenizer)
         if call.policy.mode.checks_input:
@@ -126,6 +132,8 @@ class Ingress:
             found = await call.input_check
         except GuardError as exc:
             return self._guard_failed(call, exc)
+        self.metrics.guard_verdicts.inc(tags={"direction": "input",
+                                              "verdict": "Safe" if found is None else found[1].safety})
         if found is None or not found[1].blocks(call.policy):
             return None
         index, verdict = found
@@ -149,6 +157,7 @@ class Ingress:
                 response.cancel()
                 return await self._refuse(call, outcome, refused)
             choices, outcome.usage = await response
+            call.record.mark_first_token()
             outcome.status = "ok"
             if call.policy.mode.checks_output:
                 try:
@@ -161,14 +170,14 @@ class Ingress:
         finally:
             if outcome.status == "disconnected":
                 response.cancel()
-                self._settle_later(call.admission, outcome)
-        await self._settle(call.admission, outcome)
+                self._settle_later(call, outcome)
+        await self._settle(call, outcome)
         return Response(dumps(call.frame.obj(choices, outcome.usage.as_dict())), headers=call.headers,
                         media_type=JSON)
 
     async def _refuse(self, call: Call, outcome: Outcome, error: ApiError) -> Response:
         outcome.status = error.code.value
-        await self._settle(call.admission, outcome)
+        await self._settle(call, outcome)
         return error_response(error, call.headers)
 
     async def _stream(self, call: Call) -> Response:
@@ -179,9 +188,10 @@ class Ingress:
         try:
             first = await asyncio.wait_for(stream.__anext__(), self.config.first_item_timeout_s)
             refused = await self._input_verdict(call)
+            call.record.mark_first_token()
         except asyncio.CancelledError:
             stream.cancel()
-            self._settle_later(call.admission, outcome)
+            self._settle_later(call, outcome)
             raise
         except Exception as exc:
             refused = classify(exc, call.route.spec.id)
@@ -224,22 +234,26 @@ class Ingress:
             if outcome.status in ("disconnected", "output_filtered") or error is not None:
                 stream.cancel()
             if outcome.status == "disconnected":
-                self._settle_later(call.admission, outcome)
-        await self._settle(call.admission, outcome)
+                self._settle_later(call, outcome)
+        await self._settle(call, outcome)
         if error is not None:
             yield event(error.envelope())
         elif frame.include_usage:
             yield frame.usage_chunk(outcome.usage.as_dict())
         yield DONE
 
-    async def _settle(self, admission: Admission, outcome: Outcome) -> None:
-        await self.ledger.settle(Settlement(
-            admission.completion_id, outcome.usage.prompt_tokens, outcome.usage.completion_tokens, outcome.status,
+    async def _settle(self, call: Call, outcome: Outcome) -> None:
+        usage = outcome.usage
+        charged = await self.ledger.settle(Settlement(
+            call.admission.completion_id, usage.prompt_tokens, usage.completion_tokens, outcome.status,
             charge=outcome.status in CHARGED))
+        code = None if outcome.status in CHARGED else outcome.status
+        record_request(self.metrics, call.record, outcome.status, code, usage.prompt_tokens,
+                       usage.completion_tokens, charged)
 
-    def _settle_later(self, admission: Admission, outcome: Outcome) -> None:
+    def _settle_later(self, call: Call, outcome: Outcome) -> None:
         """Settles outside the cancelled request's scope, so a disconnect cannot skip the ledger."""
-        task = asyncio.get_running_loop().create_task(self._settle(admission, outcome))
+        task = asyncio.get_running_loop().create_task(self._settle(call, outcome))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -89,6 +89,7 @@ class Stack:
     redis_url: str
     proc: subprocess.Popen
     log_path: Path
+    metrics_url: str
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -111,7 +112,8 @@ def _drain(stream, log_path: Path, ready: threading.Event, lines: list[str]) -> 
 def stack(redis_server, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     port = free_port()
-    env = dict(os.environ, REDIS_URL=redis_server.url, QBT_METRICS_PORT=str(free_port()))
+    metrics_port = free_port()
+    env = dict(os.environ, REDIS_URL=redis_server.url, QBT_METRICS_PORT=str(metrics_port))
     proc = subprocess.Popen(
         [str(BIN / "qbt"), "serve", "--port", str(port), "--run-dir", str(run_dir)], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -123,7 +125,8 @@ def stack(redis_server, tmp_path_factory):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail("qbt serve did not become ready:\n" + "".join(lines[-40:]))
-    stack = Stack(f"http://127.0.0.1:{port}", redis_server.url, proc, log_path)
+    stack = Stack(f"http://127.0.0.1:{port}", redis_server.url, proc, log_path,
+                  f"http://127.0.0.1:{metrics_port}/metrics")
     yield stack
     started = stack.descendants()
     proc.send_signal(signal.SIGINT)

@@ -1,0 +1,59 @@
+"""After traffic, Ray's Prometheus export shows the qbt_ metrics, and request ids reach the ledger."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL
+from tests.e2e.test_billing import wait_for_rows
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(stack, names: list[str], timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(stack.metrics_url, timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        if all(n in text for n in names):
+            return text
+        time.sleep(2)
+    raise AssertionError(f"missing {[n for n in names if n not in text]} in {stack.metrics_url}")
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_after_traffic(stack, client, http):
+    for stream in (False, True):
+        res = client.completions.create(model=MODEL, prompt="The capital of Canada is", max_tokens=4, stream=stream)
+        list(res) if stream else res
+    http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    names = ["ray_qbt_requests_total", "ray_qbt_prompt_tokens_total", "ray_qbt_completion_tokens_total",
+             "ray_qbt_time_to_first_token_seconds_bucket", "ray_qbt_request_duration_seconds_bucket",
+             "ray_qbt_credit_charged_usd_total", "ray_qbt_engine_kv_cache_usage_ratio",
+             "ray_qbt_engine_running_requests"]
+    text = scrape(stack, names)
+    assert value(text, "ray_qbt_requests_total", model=MODEL, status="ok") >= 2
+    assert value(text, "ray_qbt_requests_total", code="model_not_found") >= 1
+    assert value(text, "ray_qbt_credit_charged_usd_total", model=MODEL) > 0
+
+
+def test_request_id_is_kept_and_in_the_ledger(stack, customer, r):
+    res = httpx.post(stack.base_url + "/v1/completions", timeout=60,
+                     headers={"Authorization": f"Bearer {customer.key}", "x-request-id": "trace-me-123"},
+                     json={"model": MODEL, "prompt": "The capital of Canada is", "max_tokens": 2})
+    assert res.headers["x-request-id"] == "trace-me-123"
+    (row,) = wait_for_rows(r, customer.account, 1)
+    assert row["request_id"] == "trace-me-123" and row["completion_id"] == res.json()["id"]
