@@ -190,6 +190,7 @@ class ServiceConfig(BaseModel):
     first_item_timeout_s: Annotated[float, Field(gt=0)] = 120
     health_timeout_s: Annotated[float, Field(gt=0)] = 5
     guard: GuardConfig | None = None
+    catalog_models: list[str] = []
 
     @model_validator(mode="after")
     def _unique(self) -> ServiceConfig:

@@ -21,7 +21,7 @@ from starlette.routing import Route as HttpRoute
 from deployments.wire import GenerationRequest, InvalidSampling, StreamItem, Usage
 from serve_app import auth, store
 from serve_app.admission import Admission, Admitter, Prices
-from serve_app.catalog import ServiceConfig
+from serve_app.catalog import Category, ModelSpec, ServiceConfig
 from serve_app.errors import ApiError, Code, invalid, upstream
 from serve_app.guard import GuardError, GuardMode, GuardPolicy, Moderator, StreamGate, moderate_choices
 from serve_app.ledger import Ledger, Settlement
@@ -67,7 +67,7 @@ class Ingress:
     def __init__(self, config: dict, handles: dict):
         configure_logging()
         self.config = ServiceConfig.model_validate(config)
-        self.router = Router(self.config.models, handles)
+        self.router = Router(self.config.models, handles, self.config.catalog_models)
         self.redis = store.async_client(self.config.redis_url)
         self.admitter = Admitter(self.redis, self.config.default_rpm, self.config.default_tpm,
                                  self.config.reservation_ttl_s)
@@ -110,7 +110,7 @@ class Ingress:
         record.account, record.key_id = admission.account, admission.key_id
         call = Call(route, generation_request(completion_id, req, prompts),
                     CompletionFrame(completion_id, int(time.time()), route.spec.id, req.include_usage),
-                    admission, admission.limits.headers(), self._policy(admission), record)
+                    admission, admission.limits.headers(), self._policy(admission, route), record)
         if call.policy.mode is not GuardMode.OFF:
             call.texts = prompt_texts(prompts, route.tokenizer)
         if call.policy.mode.checks_input:
@@ -119,8 +119,9 @@ class Ingress:
             return await self._stream(call)
         return await self._complete(call)
 
-    def _policy(self, admission: Admission) -> GuardPolicy:
-        if self.moderator is None:
+    def _policy(self, admission: Admission, route: Route) -> GuardPolicy:
+        """The key's policy over the config's; calls to a safety model itself are not moderated."""
+        if self.moderator is None or route.spec.category is Category.SAFETY:
             return GuardPolicy()
         return GuardPolicy.parse(admission.guard, self.default_policy)
 
@@ -166,7 +167,7 @@ class Ingress:
                     if (refused := self._guard_failed(call, exc)) is not None:
                         return await self._refuse(call, outcome, refused)
         except Exception as exc:
-            return await self._refuse(call, outcome, classify(exc, call.route.spec.id))
+            return await self._refuse(call, outcome, classify(exc, call.route.spec))
         finally:
             if outcome.status == "disconnected":
                 response.cancel()
@@ -176,6 +177,8 @@ class Ingress:
                         media_type=JSON)
 
     async def _refuse(self, call: Call, outcome: Outcome, error: ApiError) -> Response:
+        if call.input_check is not None:
+            call.input_check.cancel()
         outcome.status = error.code.value
         await self._settle(call, outcome)
         return error_response(error, call.headers)
@@ -194,7 +197,7 @@ class Ingress:
             self._settle_later(call, outcome)
             raise
         except Exception as exc:
-            refused = classify(exc, call.route.spec.id)
+            refused = classify(exc, call.route.spec)
         if refused is not None:
             stream.cancel()
             return await self._refuse(call, outcome, refused)
@@ -228,7 +231,7 @@ class Ingress:
                 yield frame.chunk(released)
             outcome.status = "output_filtered" if gate is not None and gate.blocked is not None else "ok"
         except Exception as exc:
-            error = classify(exc, call.route.spec.id)
+            error = classify(exc, call.route.spec)
             outcome.status = error.code.value
         finally:
             if outcome.status in ("disconnected", "output_filtered") or error is not None:
@@ -319,15 +322,19 @@ async def read_json(request: Request, limit: int):
         raise invalid("The request body is not valid JSON", None) from None
 
 
-def classify(exc: BaseException, model: str) -> ApiError:
+def classify(exc: BaseException, spec: ModelSpec) -> ApiError:
+    """An exception from the model's deployment as the contract's error."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, InvalidSampling):
         return invalid(str(exc).splitlines()[0][:500], None)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return upstream(f"The model '{model}' did not start answering in time.")
-    log.error("upstream failure for %s: %s", model, exc)
-    return upstream(f"The model '{model}' is unavailable or failed ({type(exc).__name__}).")
+        if spec.autoscaling is not None and spec.autoscaling.min_replicas == 0:
+            return ApiError(Code.SERVICE_UNAVAILABLE, f"The model '{spec.id}' is scaling up from zero replicas; "
+                            "retry shortly.", headers={"Retry-After": "30"})
+        return upstream(f"The model '{spec.id}' did not start answering in time.")
+    log.error("upstream failure for %s: %s", spec.id, exc)
+    return upstream(f"The model '{spec.id}' is unavailable or failed ({type(exc).__name__}).")
 
 
 def error_response(exc: ApiError, headers: dict | None = None) -> Response:

@@ -79,7 +79,8 @@ class Catalog(BaseModel):
     def service_config(self, name: str) -> ServiceConfig:
         if name not in self.profiles:
             raise ValueError(f"no profile {name!r}; profiles: {sorted(self.profiles)}")
-        return ServiceConfig.model_validate({**self.profiles[name].service, "models": self.profile_models(name)})
+        return ServiceConfig.model_validate({**self.profiles[name].service, "models": self.profile_models(name),
+                                             "catalog_models": [m.id for m in self.models]})
 
     def serve_config(self, name: str) -> dict:
         """A Serve config that `serve run` and `serve deploy` accept."""

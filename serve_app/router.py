@@ -19,7 +19,8 @@ class Route:
 
 
 class Router:
-    def __init__(self, specs: list[ModelSpec], handles: dict[str, Any]):
+    def __init__(self, specs: list[ModelSpec], handles: dict[str, Any], catalog_models: list[str] = ()):
+        self.catalog_models = set(catalog_models)
         self.routes: dict[str, Route] = {}
         for spec in specs:
             handle = handles[spec.id]
@@ -33,6 +34,9 @@ class Router:
 
     def route(self, model: str) -> Route:
         route = self.routes.get(model)
+        if route is None and model in self.catalog_models:
+            raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' is in the catalog but not deployed on this "
+                           f"cluster; GET /v1/models lists the served models.", "model")
         if route is None:
             raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' does not exist or is not served here; "
                            f"GET /v1/models lists the served models.", "model")

@@ -71,6 +71,10 @@ def test_unknown_model_through_client(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="gpt-oss-120b", prompt="hi", max_tokens=1)
     assert info.value.code == "model_not_found" and info.value.param == "model"
+    assert "not deployed on this cluster" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
+    assert info.value.code == "model_not_found" and "does not exist" in info.value.message
 
 
 def test_invalid_request_through_client(client):
