@@ -132,3 +132,15 @@ def test_rayservice_shape(catalog):
     assert groups["gpu-h100"]["maxReplicas"] * 8 >= h100_gpus_max
     served = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert len(served["applications"][0]["args"]["models"]) == 12
+
+
+def test_grafana_dashboard_uses_only_exported_metrics():
+    import json
+    import re
+
+    dash = json.loads((ROOT / "cluster" / "grafana" / "qubittron-serve.json").read_text())
+    names = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"ray_qbt_\w+", t["expr"])}
+    source = "".join(p.read_text() for p in (ROOT / "serve_app").glob("telemetry.py"))
+    for name in names:
+        base = re.sub(r"_(bucket|count|sum)$", "", name.removeprefix("ray_"))
+        assert f'"{base}"' in source, f"{name} is not a metric the service exports"
