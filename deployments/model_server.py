@@ -19,8 +19,7 @@ log = logging.getLogger("qbt.model_server")
 class ModelServer:
     async def __init__(self, model_id: str, weights_path: str, engine_kwargs: dict):
         configure_logging()
-        replica = serve.get_replica_context().replica_id.unique_id
-        stats = EngineStatsLogger(model_id, replica)
+        stats = EngineStatsLogger(model_id)
         self.engine = Engine(weights_path, model_id, engine_kwargs, stat_loggers=[stats.factory()])
         await self.engine.start()
 

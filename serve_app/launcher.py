@@ -84,6 +84,16 @@ def dev_key(url: str, run_dir: Path) -> str:
     return key
 
 
+def deploy_failure() -> str | None:
+    """Serve's own verdict, so that a deployment that cannot start fails the launch instead of timing out."""
+    from ray import serve
+
+    for name, app in serve.status().applications.items():
+        if app.status == "DEPLOY_FAILED":
+            return f"application {name}: {app.message[-1500:]}"
+    return None
+
+
 def wait_healthy(port: int, timeout_s: float, proc_check) -> None:
     started = time.monotonic()
     last = ""
@@ -100,6 +110,12 @@ def wait_healthy(port: int, timeout_s: float, proc_check) -> None:
         time.sleep(5)
     raise SystemExit(f"the service was not healthy after {timeout_s:.0f}s (last: {last[:300]}); "
                      "see the Ray logs under /tmp/ray/session_latest/logs")
+
+
+def _fail_if_deploy_failed() -> None:
+    failure = deploy_failure()
+    if failure:
+        raise SystemExit(f"the deployment failed; fix the cause and run again:\n{failure}")
 
 
 def stop_descendants(grace_s: float = 10) -> None:
@@ -145,7 +161,7 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
         http = serve_config.get("http_options", {})
         port = port or int(http.get("port", 8000))
         deploy(serve_config, url, http.get("host", "127.0.0.1"), port, num_cpus)
-        wait_healthy(port, startup_timeout_s, lambda: None)
+        wait_healthy(port, startup_timeout_s, _fail_if_deploy_failed)
         say(f"ready on http://127.0.0.1:{port}  dev key: {key}")
         say(f"try: curl http://127.0.0.1:{port}/v1/completions -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' "

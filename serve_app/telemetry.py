@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -98,19 +97,14 @@ def record_request(metrics: IngressMetrics, rec: RequestRecord, status: str, cod
         "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None}))
 
 
-def log_text_enabled() -> bool:
-    """Prompt and completion text stay out of logs unless an operator sets QBT_LOG_TEXT=1."""
-    return os.environ.get("QBT_LOG_TEXT") == "1"
-
-
 class EngineStatsLogger:
     """A vLLM stat logger that publishes running and waiting requests and KV-cache use per model replica."""
 
-    def __init__(self, model: str, replica: str):
+    def __init__(self, model: str):
         from ray.serve.metrics import Gauge
 
-        tags = ("model", "replica")
-        self.tags = {"model": model, "replica": replica}
+        tags = ("model",)  # Ray Serve adds its own deployment, replica and application tags
+        self.tags = {"model": model}
         self.running = Gauge("qbt_engine_running_requests", "Requests running in the engine.", tag_keys=tags)
         self.waiting = Gauge("qbt_engine_waiting_requests", "Requests waiting in the engine.", tag_keys=tags)
         self.kv_cache = Gauge("qbt_engine_kv_cache_usage_ratio", "KV-cache use, 0 to 1.", tag_keys=tags)
