@@ -45,6 +45,10 @@ def test_metrics_after_traffic(stack, client, http):
              "ray_qbt_credit_charged_usd_total", "ray_qbt_engine_kv_cache_usage_ratio",
              "ray_qbt_engine_running_requests"]
     text = scrape(stack, names)
+    deadline = time.monotonic() + 60
+    while value(text, "ray_qbt_requests_total", code="model_not_found") < 1 and time.monotonic() < deadline:
+        time.sleep(2)  # Ray exports application metrics on an interval
+        text = scrape(stack, names)
     assert value(text, "ray_qbt_requests_total", model=MODEL, status="ok") >= 2
     assert value(text, "ray_qbt_requests_total", code="model_not_found") >= 1
     assert value(text, "ray_qbt_credit_charged_usd_total", model=MODEL) > 0
