@@ -63,13 +63,13 @@ def wait_ready(name: str, url: str, headers: dict, proc: subprocess.Popen, timeo
     raise SystemExit(f"{name} not ready after {timeout}s")
 
 
-def systems() -> tuple[dict[str, tuple[str, dict]], list[subprocess.Popen]]:
+def systems(qbt_env: dict[str, str]) -> tuple[dict[str, tuple[str, dict]], list[subprocess.Popen]]:
     model_dir = str(model_path(MODEL))
     OUT.mkdir(parents=True, exist_ok=True)
     procs = [
         start("qbt", [PY, "-m", "serve_app.cli", "serve", "--port", str(PORTS["qbt"]), "--run-dir",
                       str(ROOT / ".run" / "bench")], OUT / "qbt.log",
-              {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181"}),
+              {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181", **qbt_env}),
         start("vllm", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name",
                        MODEL, "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--port",
                        str(PORTS["vllm"])], OUT / "vllm.log",
@@ -175,12 +175,14 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="two small configs, for a smoke run")
+    parser.add_argument("--qbt-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for the qubittron server only (for example Ray Serve flags)")
     args = parser.parse_args()
     become_subreaper()
     ensure_built(log=say)
     procs = []
     try:
-        targets, procs = systems()
+        targets, procs = systems(dict(kv.split("=", 1) for kv in args.qbt_env))
         rows = asyncio.run(measure(targets, args.rounds, QUICK if args.quick else CONFIGS))
         meta = {"command": " ".join([".venv/bin/python -m benchmarks.compare", *sys.argv[1:]]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",

@@ -108,6 +108,17 @@ class EngineStatsLogger:
         self.running = Gauge("qbt_engine_running_requests", "Requests running in the engine.", tag_keys=tags)
         self.waiting = Gauge("qbt_engine_waiting_requests", "Requests waiting in the engine.", tag_keys=tags)
         self.kv_cache = Gauge("qbt_engine_kv_cache_usage_ratio", "KV-cache use, 0 to 1.", tag_keys=tags)
+        self._last: tuple | None = None
+
+    def publish(self, running: int, waiting: int, kv_cache: float) -> None:
+        """Called every engine step; the gauges are only touched when a value changed."""
+        now = (running, waiting, round(kv_cache, 3))
+        if now == self._last:
+            return
+        self._last = now
+        self.running.set(running, tags=self.tags)
+        self.waiting.set(waiting, tags=self.tags)
+        self.kv_cache.set(now[2], tags=self.tags)
 
     def factory(self):
         """What vLLM's `stat_loggers` wants: a callable (vllm_config, engine_index) -> StatLoggerBase."""
@@ -121,9 +132,8 @@ class EngineStatsLogger:
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
                 if scheduler_stats is not None:
-                    outer.running.set(scheduler_stats.num_running_reqs, tags=outer.tags)
-                    outer.waiting.set(scheduler_stats.num_waiting_reqs, tags=outer.tags)
-                    outer.kv_cache.set(scheduler_stats.kv_cache_usage, tags=outer.tags)
+                    outer.publish(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
+                                  scheduler_stats.kv_cache_usage)
 
             def log_engine_initialized(self):
                 pass
