@@ -10,7 +10,7 @@ from ray import serve
 
 from deployments.engine import Engine
 from deployments.wire import GenerationRequest, StreamItem
-from serve_app.telemetry import EngineStatsLogger, configure_logging
+from serve_app.telemetry import EngineStatsLogger, configure_logging, context_from, tracer
 
 log = logging.getLogger("qbt.model_server")
 
@@ -25,11 +25,24 @@ class ModelServer:
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
         """Cancelling this generator (client gone) cancels the engine request, which frees its KV cache."""
-        async for item in self.engine.stream(req):
-            yield item
+        span = self._span(req)
+        try:
+            async for item in self.engine.stream(req):
+                yield item
+        finally:
+            span.end()
 
     async def complete(self, req: GenerationRequest):
-        return await self.engine.complete(req)
+        span = self._span(req)
+        try:
+            return await self.engine.complete(req)
+        finally:
+            span.end()
+
+    @staticmethod
+    def _span(req: GenerationRequest):
+        return tracer().start_span("qbt.engine", context=context_from(req.trace_context),
+                                   attributes={"qbt.completion_id": req.request_id, "qbt.prompts": len(req.prompts)})
 
     async def check_health(self) -> None:
         await self.engine.check_health()

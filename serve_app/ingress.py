@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from ray import serve
 from starlette.applications import Starlette
@@ -29,7 +30,8 @@ from serve_app.prompts import Prompts, tokenize
 from serve_app.protocol import CompletionRequest, parse_completion_request
 from serve_app.router import Route, Router
 from serve_app.sse import DONE, CompletionFrame, dumps, event
-from serve_app.telemetry import IngressMetrics, RequestRecord, configure_logging, record_request
+from serve_app.telemetry import (IngressMetrics, RequestRecord, carrier_of, child, configure_logging, context_from,
+                                 record_request, tracer)
 
 log = logging.getLogger("qbt.ingress")
 JSON = "application/json"
@@ -57,8 +59,15 @@ class Call:
     headers: dict
     policy: GuardPolicy
     record: RequestRecord
+    span: Any
     texts: list[str] = field(default_factory=list)
     input_check: asyncio.Task | None = None
+    gen_span: Any = None
+
+    def start_generation(self) -> None:
+        """The generation span, whose context crosses the Serve handle into the model replica."""
+        self.gen_span = child("qbt.generate", self.span, model=self.route.spec.id)
+        self.gen.trace_context = carrier_of(self.gen_span)
 
 
 @serve.deployment
@@ -94,27 +103,32 @@ class Ingress:
         completion_id = "cmpl-" + uuid.uuid4().hex
         request_id = request.headers.get("x-request-id", completion_id)[:128]
         record = RequestRecord(request_id, completion_id, "unknown")
+        root = tracer().start_span("qbt.completion", context=context_from(request.headers),
+                                   attributes={"qbt.request_id": request_id, "qbt.completion_id": completion_id})
         try:
             key = auth.bearer_key(request.headers.get("authorization"))
             req = parse_completion_request(await read_json(request, self.config.max_body_bytes))
             route = self.router.route(req.model)
             record.model, record.stream = route.spec.id, bool(req.stream)
             prompts = tokenize(req, route.spec, route.tokenizer)
-            admission = await self.admitter.admit(
+            admission = await self._traced(child("qbt.admission", root), self.admitter.admit(
                 auth.key_hash(key), completion_id, request_id, route.spec.id,
                 Prices(route.spec.prices.input_micros, route.spec.prices.output_micros),
-                prompts.tokens, max_completion_tokens(req, prompts))
+                prompts.tokens, max_completion_tokens(req, prompts)))
         except ApiError as exc:
             record_request(self.metrics, record, "refused", exc.code.value, 0, 0, None)
+            root.set_attribute("qbt.status", exc.code.value)
+            root.end()
             return error_response(exc)
         record.account, record.key_id = admission.account, admission.key_id
         call = Call(route, generation_request(completion_id, req, prompts),
                     CompletionFrame(completion_id, int(time.time()), route.spec.id, req.include_usage),
-                    admission, admission.limits.headers(), self._policy(admission, route), record)
+                    admission, admission.limits.headers(), self._policy(admission, route), record, root)
         if call.policy.mode is not GuardMode.OFF:
             call.texts = prompt_texts(prompts, route.tokenizer)
         if call.policy.mode.checks_input:
-            call.input_check = asyncio.create_task(self.moderator.check_prompts(call.texts))
+            call.input_check = asyncio.create_task(
+                self._traced(child("qbt.guard.input", root), self.moderator.check_prompts(call.texts)))
         if req.stream:
             return await self._stream(call)
         return await self._complete(call)
@@ -151,6 +165,7 @@ class Ingress:
 
     async def _complete(self, call: Call) -> Response:
         outcome = Outcome(Usage(prompt_tokens=sum(len(p) for p in call.gen.prompts)))
+        call.start_generation()
         response = call.route.complete.remote(call.gen)
         try:
             refused = await self._input_verdict(call)
@@ -162,7 +177,8 @@ class Ingress:
             outcome.status = "ok"
             if call.policy.mode.checks_output:
                 try:
-                    choices = await moderate_choices(self.moderator, call.texts, call.gen.n, choices, call.policy)
+                    choices = await self._traced(child("qbt.guard.output", call.span), moderate_choices(
+                        self.moderator, call.texts, call.gen.n, choices, call.policy))
                 except GuardError as exc:
                     if (refused := self._guard_failed(call, exc)) is not None:
                         return await self._refuse(call, outcome, refused)
@@ -186,10 +202,12 @@ class Ingress:
     async def _stream(self, call: Call) -> Response:
         """Waits for the first item and the input verdict, so that a failure or refusal before any byte is a plain
         HTTP error, and no token leaves before the input guard has passed the prompt."""
+        call.start_generation()
         stream = call.route.stream.remote(call.gen)
         outcome = Outcome(Usage(prompt_tokens=sum(len(p) for p in call.gen.prompts)))
         try:
             first = await asyncio.wait_for(stream.__anext__(), self.config.first_item_timeout_s)
+            call.gen_span.add_event("first_token")
             refused = await self._input_verdict(call)
             call.record.mark_first_token()
         except asyncio.CancelledError:
@@ -220,14 +238,14 @@ class Ingress:
                     yield frame.chunk(item.choices)
                 else:
                     gate.add(item.choices)
-                    if gate.due(item.usage.completion_tokens) and (released := await gate.release(
-                            item.usage.completion_tokens)):
+                    if gate.due(item.usage.completion_tokens) and (released := await self._traced(
+                            child("qbt.guard.output", call.span), gate.release(item.usage.completion_tokens))):
                         yield frame.chunk(released)
                     if gate.blocked is not None:
                         break
                 item = await anext(stream, None)
-            if gate is not None and gate.blocked is None and (released := await gate.release(
-                    outcome.usage.completion_tokens)):
+            if gate is not None and gate.blocked is None and (released := await self._traced(
+                    child("qbt.guard.output", call.span), gate.release(outcome.usage.completion_tokens))):
                 yield frame.chunk(released)
             outcome.status = "output_filtered" if gate is not None and gate.blocked is not None else "ok"
         except Exception as exc:
@@ -247,12 +265,25 @@ class Ingress:
 
     async def _settle(self, call: Call, outcome: Outcome) -> None:
         usage = outcome.usage
-        charged = await self.ledger.settle(Settlement(
+        if call.gen_span is not None:
+            call.gen_span.set_attribute("qbt.completion_tokens", usage.completion_tokens)
+            call.gen_span.end()
+        charged = await self._traced(child("qbt.settle", call.span), self.ledger.settle(Settlement(
             call.admission.completion_id, usage.prompt_tokens, usage.completion_tokens, outcome.status,
-            charge=outcome.status in CHARGED))
+            charge=outcome.status in CHARGED)))
+        call.span.set_attribute("qbt.status", outcome.status)
+        call.span.end()
         code = None if outcome.status in CHARGED else outcome.status
         record_request(self.metrics, call.record, outcome.status, code, usage.prompt_tokens,
                        usage.completion_tokens, charged)
+
+    @staticmethod
+    async def _traced(span, awaitable):
+        """Awaits inside `span`, ending it however the work ends."""
+        try:
+            return await awaitable
+        finally:
+            span.end()
 
     def _settle_later(self, call: Call, outcome: Outcome) -> None:
         """Settles outside the cancelled request's scope, so a disconnect cannot skip the ledger."""

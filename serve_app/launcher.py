@@ -183,8 +183,10 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) ->
 
     say(f"starting Ray ({num_cpus} logical CPUs) and deploying {len(serve_config['applications'])} app(s)")
     env = {"REDIS_URL": url, "QBT_MODELS_DIR": os.environ.get("QBT_MODELS_DIR", str(ROOT / ".cache" / "models"))}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
-             _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")))
+             _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
+             _temp_dir=os.environ.get("QBT_RAY_TEMP_DIR"))
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     for app in serve_config["applications"]:
         args = dict(app.get("args", {}))

@@ -90,6 +90,7 @@ class Stack:
     proc: subprocess.Popen
     log_path: Path
     metrics_url: str
+    ray_tmp: Path
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -113,7 +114,9 @@ def stack(redis_server, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     port = free_port()
     metrics_port = free_port()
-    env = dict(os.environ, REDIS_URL=redis_server.url, QBT_METRICS_PORT=str(metrics_port))
+    ray_tmp = tmp_path_factory.mktemp("ray")
+    env = dict(os.environ, REDIS_URL=redis_server.url, QBT_METRICS_PORT=str(metrics_port),
+               QBT_RAY_TEMP_DIR=str(ray_tmp), OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="500")
     proc = subprocess.Popen(
         [str(BIN / "qbt"), "serve", "--port", str(port), "--run-dir", str(run_dir)], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -126,7 +129,7 @@ def stack(redis_server, tmp_path_factory):
             proc.kill()
             pytest.fail("qbt serve did not become ready:\n" + "".join(lines[-40:]))
     stack = Stack(f"http://127.0.0.1:{port}", redis_server.url, proc, log_path,
-                  f"http://127.0.0.1:{metrics_port}/metrics")
+                  f"http://127.0.0.1:{metrics_port}/metrics", ray_tmp)
     yield stack
     started = stack.descendants()
     proc.send_signal(signal.SIGINT)

@@ -61,3 +61,44 @@ def test_request_id_is_kept_and_in_the_ledger(stack, customer, r):
     assert res.headers["x-request-id"] == "trace-me-123"
     (row,) = wait_for_rows(r, customer.account, 1)
     assert row["request_id"] == "trace-me-123" and row["completion_id"] == res.json()["id"]
+
+
+def spans_of(stack, trace_id: str, names: set[str], timeout: float = 60) -> dict[str, dict]:
+    """The spans of one trace, from the console exporter's lines in the Ray workers' stdout logs."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    found: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        for path in stack.ray_tmp.glob("session_*/logs/worker-*.out"):
+            for line in path.read_text(errors="replace").splitlines():
+                if trace_id in line and line.lstrip().startswith("{"):
+                    span = json.loads(line[line.index("{"):])
+                    found.setdefault(span["name"], span)
+        if names <= set(found):
+            return found
+        time.sleep(1)
+    raise AssertionError(f"spans missing: {sorted(names - set(found))}; found {sorted(found)}")
+
+
+def test_a_streaming_request_is_one_trace_across_the_handle(stack, make_customer):
+    customer = make_customer(guard="both")
+    trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with httpx.stream("POST", stack.base_url + "/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": "The capital of Canada is", "max_tokens": 4, "stream": True},
+                      headers={"Authorization": f"Bearer {customer.key}",
+                               "traceparent": f"00-{trace_id}-{client_span}-01"}) as res:
+        assert res.status_code == 200
+        list(res.iter_lines())
+    names = {"qbt.completion", "qbt.admission", "qbt.guard.input", "qbt.generate", "qbt.engine",
+             "qbt.guard.output", "qbt.settle"}
+    spans = spans_of(stack, trace_id, names)
+
+    def sid(name):
+        return spans[name]["context"]["span_id"]
+
+    assert spans["qbt.completion"]["parent_id"] == "0x" + client_span
+    for name in ("qbt.admission", "qbt.guard.input", "qbt.generate", "qbt.guard.output", "qbt.settle"):
+        assert spans[name]["parent_id"] == sid("qbt.completion"), name
+    assert spans["qbt.engine"]["parent_id"] == sid("qbt.generate")
+    assert [e["name"] for e in spans["qbt.generate"]["events"]] == ["first_token"]
