@@ -22,15 +22,16 @@ LONG = {"model": MODEL, "prompt": ["Once upon a time"] * 8, "n": 4, "max_tokens"
         "temperature": 1.0}
 
 
-def replica_process(stack) -> psutil.Process:
-    """Our own model replica, found in the launcher's process tree by its Ray process title."""
+def replica_process(stack, model: str = MODEL) -> psutil.Process:
+    """A model replica of ours, found in the launcher's process tree by its Ray process title."""
+    title = f"ServeReplica:qbt:model-{model}"
     for p in stack.descendants():
         try:
-            if "ServeReplica:qbt:model-qbt-dev-llm" in " ".join(p.cmdline()):
+            if title in " ".join(p.cmdline()):
                 return p
         except psutil.NoSuchProcess:
             continue
-    raise AssertionError("no model replica process under the launcher")
+    raise AssertionError(f"no {title} process under the launcher")
 
 
 def test_replica_death_is_upstream_error_and_service_recovers(stack, customer, r):
@@ -83,20 +84,10 @@ def test_replica_death_is_upstream_error_and_service_recovers(stack, customer, r
     assert res.status_code == 200 and res.json()["choices"][0]["text"].startswith(" Ottawa")
 
 
-def guard_process(stack) -> psutil.Process:
-    for p in stack.descendants():
-        try:
-            if "ServeReplica:qbt:model-qbt-dev-guard" in " ".join(p.cmdline()):
-                return p
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError("no guard replica process under the launcher")
-
-
 def test_guard_down_closed_is_502_open_passes_marked(stack, make_customer):
     closed, open_ = make_customer(guard="input"), make_customer(guard="input,strict,open")
     body = {"model": MODEL, "prompt": "The capital of Canada is", "max_tokens": 4, "temperature": 0}
-    guard_process(stack).send_signal(signal.SIGKILL)
+    replica_process(stack, "qbt-dev-guard").send_signal(signal.SIGKILL)
     time.sleep(1)
     res = httpx.post(stack.base_url + "/v1/completions", json=body, timeout=120,
                      headers={"Authorization": f"Bearer {closed.key}"})
