@@ -1,6 +1,7 @@
 """Admission in ONE Redis round trip: authenticate the key, check its rate limits, reserve the worst-case cost.
 
-Time is Redis's own clock (`TIME`), so limits do not depend on the clocks of the ingress hosts or on the order in
+The script is idempotent per completion id (a replay returns the stored reply), so the client may retry it after a
+dropped connection without reserving twice. Time is Redis's own clock (`TIME`), so limits do not depend on the clocks of the ingress hosts or on the order in
 which concurrent scripts run. The script also reconciles a few expired reservations on each call (left by an ingress that died mid-request), so
 that no reservation stays stuck without a separate sweeper process. Everything happens in one Lua script, so any
 number of ingress replicas stay exact.
@@ -36,6 +37,10 @@ for _, rid in ipairs(expired) do
   end
   redis.call('ZREM', KEYS[3], rid)
 end
+
+local rk = '%(prefix)s:rsv:' .. ARGV[1]
+local replayed = redis.call('HGET', rk, 'reply')
+if replayed then return cjson.decode(replayed) end
 
 local k = redis.call('HMGET', KEYS[1], 'account', 'key_id', 'revoked', 'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'guard')
 if not k[1] or k[3] == '1' then return {'invalid_api_key'} end
@@ -75,12 +80,12 @@ if cost > available then return {'insufficient_funds', cost, available} end
 if rpm > 0 then redis.call('HSET', KEYS[1], 'rpm_tat', tostring(r_tat)) end
 if tpm > 0 then redis.call('HSET', KEYS[1], 'tpm_tat', tostring(t_tat)) end
 redis.call('HINCRBY', acct, 'reserved', cost)
-local rid = ARGV[1]
-redis.call('HSET', '%(prefix)s:rsv:' .. rid, 'account', k[1], 'key_id', k[2], 'reserved', cost, 'tokens', tokens,
+local reply = {'ok', k[1], k[2], cost, rpm, r_rem, r_reset, tpm, t_rem, t_reset, k[8] or ''}
+redis.call('HSET', rk, 'account', k[1], 'key_id', k[2], 'reserved', cost, 'tokens', tokens,
   'model', ARGV[9], 'created', now, 'keyrec', KEYS[1], 'pin', pin, 'pout', pout, 'tpm', tpm,
-  'request_id', ARGV[10])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), rid)
-return {'ok', k[1], k[2], cost, rpm, r_rem, r_reset, tpm, t_rem, t_reset, k[8]}
+  'request_id', ARGV[10], 'reply', cjson.encode(reply))
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[1])
+return reply
 """ % {"prefix": store.PREFIX, "batch": RECONCILE_BATCH}
 
 
@@ -127,7 +132,7 @@ class Admitter:
         if verdict == "ok":
             _, account, key_id, cost, *limits, guard = res
             return Admission(completion_id, request_id, account, key_id, int(cost), LimitState.from_script(limits),
-                             guard)
+                             guard or None)
         if verdict == "invalid_api_key":
             raise ApiError(Code.INVALID_API_KEY, "Invalid API key: the key is unknown or has been revoked.")
         if verdict == "insufficient_funds":

@@ -36,12 +36,18 @@ def reservation(request_id: str) -> str:
 
 
 def async_client(url: str | None = None, max_connections: int = 64):
-    """A bounded pool that makes callers wait for a connection rather than fail when all are busy."""
+    """A bounded pool that makes callers wait for a connection rather than fail when all are busy, and retries a
+    command on a dropped connection (after a Redis restart), which the idempotent scripts allow."""
     import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
 
     pool = redis.BlockingConnectionPool.from_url(
         redis_url(url), max_connections=max_connections, timeout=5, decode_responses=True,
-        socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+        socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        retry_on_error=[ConnectionError, TimeoutError])
     return redis.Redis(connection_pool=pool)
 
 

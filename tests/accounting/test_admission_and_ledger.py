@@ -155,3 +155,21 @@ def test_balances_survive_a_redis_restart(r, redis_server):
     redis_server.restart()
     fresh = redis.Redis.from_url(redis_server.url, decode_responses=True)
     assert accounts.show_account(fresh, name)["balance_usd"] == "4.750000"
+
+
+async def test_admission_replay_does_not_reserve_twice(r, replicas):
+    name, kh = customer(r, credits="1")
+    admitter = replicas[0][0]
+    first = await admitter.admit(kh, "cmpl-replay", "req-1", "m", PRICES, 6, 16)
+    again = await admitter.admit(kh, "cmpl-replay", "req-1", "m", PRICES, 6, 16)
+    assert again == first
+    assert int(r.hget(store.account_record(name), "reserved")) == first.reserved_micros == 27
+
+
+async def test_client_survives_a_redis_restart(r, redis_server):
+    name, kh = customer(r, credits="1")
+    admitter = Admitter(store.async_client(redis_server.url), 0, 0, 900)
+    await admit(admitter, kh)
+    redis_server.restart()
+    await admit(admitter, kh)  # the pooled connection is dead; the client reconnects and retries
+    assert int(redis.Redis.from_url(redis_server.url).hget(store.account_record(name), "reserved")) == 54
