@@ -137,6 +137,9 @@ def stop_descendants(grace_s: float = 10) -> None:
 
 def serve_forever(config_path: Path, port: int | None, redis_url: str | None, run_dir: Path,
                   num_cpus: int, startup_timeout_s: float) -> int:
+    # Ray Serve's throughput-optimized mode: the ingress replica serves HTTP itself (no proxy hop) and handles
+    # talk gRPC (README, Performance). Set before Ray is imported anywhere in this process.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     become_subreaper()
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping = {"flag": False}
@@ -182,9 +185,6 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) ->
     from serve_app.app import build_app
 
     say(f"starting Ray ({num_cpus} logical CPUs) and deploying {len(serve_config['applications'])} app(s)")
-    # Ray Serve's throughput-optimized mode: the ingress replica serves HTTP itself (no proxy hop) and handles
-    # talk gRPC; measured 1.7x streaming throughput at concurrency 1 here (README, Performance).
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     env = {"REDIS_URL": url, "QBT_MODELS_DIR": os.environ.get("QBT_MODELS_DIR", str(ROOT / ".cache" / "models"))}
     env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
