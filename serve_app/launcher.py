@@ -168,7 +168,8 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
         say(f"ready on http://127.0.0.1:{port}  dev key: {key}")
         say(f"try: curl http://127.0.0.1:{port}/v1/completions -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' "
-            "-d '{\"model\": \"qbt-dev-llm\", \"prompt\": \"The capital of Canada is\", \"max_tokens\": 16}'")
+            "-d '{\"model\": \"qbt-dev-llm\", \"prompt\": \"The capital of Canada is\", \"max_tokens\": 16, "
+            "\"temperature\": 0}'")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
