@@ -99,7 +99,7 @@ class Engine:
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
         """Yields what the engine produced since the last yield; nothing waits on a timer."""
-        usage = Usage(prompt_tokens=sum(len(p) for p in req.prompts))
+        usage = Usage(prompt_tokens=req.prompt_tokens)
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(req, i, queue)) for i in range(len(req.prompts))]
         live, first = len(tasks), True
@@ -144,7 +144,7 @@ class Engine:
 
     async def complete(self, req: GenerationRequest) -> tuple[list[dict[str, Any]], Usage]:
         """Non-streaming: with best_of, generates best_of candidates and keeps the n best by mean logprob."""
-        usage = Usage(prompt_tokens=sum(len(p) for p in req.prompts))
+        usage = Usage(prompt_tokens=req.prompt_tokens)
         candidates = max(req.best_of or req.n, req.n)
         results = await asyncio.gather(*(self._final(req, i, candidates) for i in range(len(req.prompts))))
         choices = []

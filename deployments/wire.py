@@ -24,6 +24,11 @@ class GenerationRequest:
     max_tokens: int = 16
     trace_context: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Counted once per prompt, whatever `n`: what the usage reports and the ledger charges."""
+        return sum(len(p) for p in self.prompts)
+
 
 @dataclass(slots=True)
 class Usage:

@@ -21,14 +21,9 @@ def placement(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any], dict[str
     options: dict[str, Any] = {}
     engine = spec.engine_kwargs()
     acc = spec.accelerator
-    if acc is None:
-        if spec.num_gpus:
-            actor["num_gpus"] = spec.num_gpus
-        if spec.accelerator_type:
-            actor["accelerator_type"] = spec.accelerator_type
-    elif acc.count == 1:
+    if acc is not None and acc.count == 1:
         actor.update(num_gpus=1, accelerator_type=acc.type)
-    else:
+    elif acc is not None:
         tag = {f"accelerator_type:{acc.type}": 0.001}
         options["placement_group_bundles"] = [{"CPU": spec.num_cpus, "GPU": 1, **tag}] + [
             {"GPU": 1, **tag} for _ in range(acc.count - 1)]

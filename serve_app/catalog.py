@@ -96,8 +96,6 @@ class ModelSpec(BaseModel):
     fim_template: str | None = None
     completions: bool = True
     num_cpus: Annotated[float, Field(gt=0)] = 1.0
-    num_gpus: Annotated[float, Field(ge=0)] = 0
-    accelerator_type: str | None = None
     num_replicas: Annotated[int, Field(ge=1)] | None = None
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 64

@@ -164,7 +164,7 @@ class Ingress:
         return upstream("The safety guard is unavailable; the request was not served. Retry shortly.")
 
     async def _complete(self, call: Call) -> Response:
-        outcome = Outcome(Usage(prompt_tokens=sum(len(p) for p in call.gen.prompts)))
+        outcome = Outcome(Usage(prompt_tokens=call.gen.prompt_tokens))
         call.start_generation()
         response = call.route.complete.remote(call.gen)
         try:
@@ -204,7 +204,7 @@ class Ingress:
         HTTP error, and no token leaves before the input guard has passed the prompt."""
         call.start_generation()
         stream = call.route.stream.remote(call.gen)
-        outcome = Outcome(Usage(prompt_tokens=sum(len(p) for p in call.gen.prompts)))
+        outcome = Outcome(Usage(prompt_tokens=call.gen.prompt_tokens))
         try:
             first = await asyncio.wait_for(stream.__anext__(), self.config.first_item_timeout_s)
             call.gen_span.add_event("first_token")
