@@ -22,11 +22,14 @@ def placement(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any], dict[str
     engine = spec.engine_kwargs()
     acc = spec.accelerator
     if acc is not None and acc.count == 1:
-        actor.update(num_gpus=1, accelerator_type=acc.type)
+        if acc.is_gpu:
+            actor.update(num_gpus=1, accelerator_type=acc.type)
+        else:
+            actor["resources"] = {acc.resource: 1}
     elif acc is not None:
-        tag = {f"accelerator_type:{acc.type}": 0.001}
-        options["placement_group_bundles"] = [{"CPU": spec.num_cpus, "GPU": 1, **tag}] + [
-            {"GPU": 1, **tag} for _ in range(acc.count - 1)]
+        unit = {"GPU": 1, f"accelerator_type:{acc.type}": 0.001} if acc.is_gpu else {acc.resource: 1}
+        options["placement_group_bundles"] = [{"CPU": spec.num_cpus, **unit}] + [
+            dict(unit) for _ in range(acc.count - 1)]
         options["placement_group_strategy"] = "STRICT_PACK"
         engine["distributed_executor_backend"] = "ray"
     return actor, options, engine
@@ -46,7 +49,10 @@ def model_deployment(spec: ModelSpec) -> Application:
 def build_app(args: dict[str, Any]) -> Application:
     config = ServiceConfig.model_validate(args)
     handles = {spec.id: model_deployment(spec) for spec in config.models}
+    actor: dict[str, Any] = {"num_cpus": config.ingress.num_cpus}
+    if config.ingress.label_selector:
+        actor["label_selector"] = dict(config.ingress.label_selector)
     ingress = Ingress.options(
         num_replicas=config.ingress.num_replicas, max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus})
+        ray_actor_options=actor)
     return ingress.bind(config.model_dump(mode="json"), handles)

@@ -62,9 +62,17 @@ class Autoscaling(BaseModel):
 
 
 class Accelerator(BaseModel):
+    """What one replica holds. `resource` names the Ray resource counted: `GPU` on real clusters, a custom resource
+    (declared by `ray start --resources`) where one stands in for the accelerator, as in the local multi-node run."""
+
     model_config = ConfigDict(extra="forbid")
     type: Annotated[str, Field(min_length=1)]
     count: Annotated[int, Field(ge=1, le=16)] = 1
+    resource: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")] = "GPU"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.resource == "GPU"
 
 
 class Architecture(BaseModel):
@@ -129,6 +137,10 @@ class ModelSpec(BaseModel):
         return self
 
     @property
+    def scales_from_zero(self) -> bool:
+        return self.autoscaling is not None and self.autoscaling.min_replicas == 0
+
+    @property
     def tensor_parallel_size(self) -> int:
         return int(self.engine_args.get("tensor_parallel_size", 1))
 
@@ -148,10 +160,13 @@ class ModelSpec(BaseModel):
 
 
 class IngressSpec(BaseModel):
+    """`label_selector` pins the ingress to CPU nodes (the head), so that it never takes a GPU node's CPUs."""
+
     model_config = ConfigDict(extra="forbid")
     num_replicas: Annotated[int, Field(ge=1)] = 1
     num_cpus: Annotated[float, Field(gt=0)] = 0.5
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 1000
+    label_selector: dict[str, str] = {}
 
 
 class GuardConfig(BaseModel):
@@ -186,6 +201,8 @@ class ServiceConfig(BaseModel):
     default_tpm: Annotated[int, Field(ge=0)] = 0
     reservation_ttl_s: Annotated[float, Field(gt=0)] = 900
     first_item_timeout_s: Annotated[float, Field(gt=0)] = 120
+    replica_wait_s: Annotated[float, Field(gt=0)] = 30
+    scale_from_zero_wait_s: Annotated[float, Field(gt=0)] = 60
     health_timeout_s: Annotated[float, Field(gt=0)] = 5
     guard: GuardConfig | None = None
     catalog_models: list[str] = []

@@ -76,7 +76,8 @@ class Ingress:
     def __init__(self, config: dict, handles: dict):
         configure_logging()
         self.config = ServiceConfig.model_validate(config)
-        self.router = Router(self.config.models, handles, self.config.catalog_models)
+        self.router = Router(self.config.models, handles, self.config.catalog_models, self.config.replica_wait_s,
+                             self.config.scale_from_zero_wait_s)
         self.redis = store.async_client(self.config.redis_url)
         self.admitter = Admitter(self.redis, self.config.default_rpm, self.config.default_tpm,
                                  self.config.reservation_ttl_s)
@@ -172,6 +173,7 @@ class Ingress:
             if refused is not None:
                 response.cancel()
                 return await self._refuse(call, outcome, refused)
+            await call.route.assigned(response)
             choices, outcome.usage = await response
             call.record.mark_first_token()
             outcome.status = "ok"
@@ -206,6 +208,7 @@ class Ingress:
         stream = call.route.stream.remote(call.gen)
         outcome = Outcome(Usage(prompt_tokens=call.gen.prompt_tokens))
         try:
+            await call.route.assigned(stream)
             first = await asyncio.wait_for(stream.__anext__(), self.config.first_item_timeout_s)
             call.gen_span.add_event("first_token")
             refused = await self._input_verdict(call)
@@ -302,8 +305,9 @@ class Ingress:
         return Response(dumps({"object": "list", "data": data}), media_type=JSON)
 
     async def health(self, request: Request) -> Response:
-        """200 only when every model deployment answers its engine health check and Redis answers."""
-        names = list(self.router.routes)
+        """200 only when every model deployment answers its engine health check and Redis answers. Models that
+        scale from zero are not probed (a probe would wake them) and show as `on_demand`."""
+        names = [n for n, r in self.router.routes.items() if not r.spec.scales_from_zero]
         checks = [self.router.routes[n].health.remote() for n in names]
         checks.append(self.redis.ping())
         results = await asyncio.gather(*(asyncio.wait_for(_awaitable(c), self.config.health_timeout_s)
@@ -311,6 +315,7 @@ class Ingress:
         status = {n: "ok" if not isinstance(r, BaseException) else "unavailable" for n, r in zip(names, results)}
         status["redis"] = "ok" if not isinstance(results[-1], BaseException) else "unavailable"
         healthy = all(v == "ok" for v in status.values())
+        status.update({n: "on_demand" for n, r in self.router.routes.items() if r.spec.scales_from_zero})
         return Response(dumps({"status": "ok" if healthy else "unavailable", "components": status}),
                         status_code=200 if healthy else 503, media_type=JSON)
 
@@ -360,9 +365,6 @@ def classify(exc: BaseException, spec: ModelSpec) -> ApiError:
     if isinstance(exc, InvalidSampling):
         return invalid(str(exc).splitlines()[0][:500], None)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        if spec.autoscaling is not None and spec.autoscaling.min_replicas == 0:
-            return ApiError(Code.SERVICE_UNAVAILABLE, f"The model '{spec.id}' is scaling up from zero replicas; "
-                            "retry shortly.", headers={"Retry-After": "30"})
         return upstream(f"The model '{spec.id}' did not start answering in time.")
     log.error("upstream failure for %s: %s", spec.id, exc)
     return upstream(f"The model '{spec.id}' is unavailable or failed ({type(exc).__name__}).")

@@ -1,7 +1,8 @@
 """The KubeRay `RayService` for the prod profile, generated from the catalog.
 
 The head pod runs the Serve controller, the HTTP proxy and the ingress replicas but no model replicas (it has no
-GPUs, and every model replica asks for one). One GPU worker group per accelerator type, sized from the catalog's
+GPUs, and every model replica asks for one); the ingress is pinned to it by the node label GATEWAY_LABEL, so that it
+never takes a GPU node's CPUs. One GPU worker group per accelerator type, sized from the catalog's
 autoscaling bounds; KubeRay's in-tree autoscaler adds pods when Serve's new replicas cannot be placed. Redis's URL
 comes from a Secret, never from the manifest.
 """
@@ -19,6 +20,7 @@ RAY_VERSION = "2.60.0"
 IMAGE = "ghcr.io/qubittron/qubittron-serve:0.1.0-gpu"
 REDIS_SECRET = {"name": "qbt-redis", "key": "url"}
 HEAD_CPUS = 4
+GATEWAY_LABEL = ("qubittron.io/role", "gateway")
 
 
 def _env() -> list[dict]:
@@ -36,7 +38,8 @@ def _resources(cpu: int | str, memory: str, gpus: int = 0) -> dict:
 
 def head_group() -> dict:
     return {
-        "rayStartParams": {"num-cpus": str(HEAD_CPUS), "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"},
+        "rayStartParams": {"num-cpus": str(HEAD_CPUS), "dashboard-host": "0.0.0.0", "metrics-export-port": "8080",
+                           "labels": "=".join(GATEWAY_LABEL)},
         "template": {"spec": {"containers": [{
             "name": "ray-head", "image": IMAGE, "env": _env(),
             "ports": [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},

@@ -37,8 +37,12 @@ class Http(BaseModel):
 
 
 class Profile(BaseModel):
+    """`proxy_location` HeadOnly where nodes share one machine (they would share the HTTP port), EveryNode on
+    real clusters."""
+
     model_config = ConfigDict(extra="forbid")
     description: str = ""
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
     http: Http = Http()
     service: dict[str, Any] = {}
     models: list[ModelSpec] | Literal["all"]
@@ -88,7 +92,7 @@ class Catalog(BaseModel):
         args = self.service_config(name).model_dump(mode="json", exclude_none=True, exclude_defaults=True)
         args["models"] = [m.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
                           for m in self.profile_models(name)]
-        return {"proxy_location": "HeadOnly" if name == "local" else "EveryNode",
+        return {"proxy_location": profile.proxy_location,
                 "http_options": profile.http.model_dump(),
                 "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}]}
 

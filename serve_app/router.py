@@ -1,12 +1,17 @@
-"""Model id -> that model's Serve deployment handle, spec and tokenizer; unknown ids are `model_not_found`."""
+"""Model id -> that model's Serve deployment handle, spec and tokenizer; unknown ids are `model_not_found`; a model
+without a replica to take the request answers within a bounded wait."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 from serve_app.catalog import ModelSpec
 from serve_app.errors import ApiError, Code
+
+
+RETRY_COLD_S, RETRY_UPSTREAM_S = 30, 5
 
 
 @dataclass(slots=True)
@@ -16,10 +21,32 @@ class Route:
     complete: Any
     health: Any
     tokenizer: Any
+    wait_s: float
+
+    async def assigned(self, response) -> None:
+        """Waits until Serve hands the request to a replica. Serve's handle queues a request for as long as no
+        replica can take it (all dead, or a node lost, or scaled to zero); bounded here, so that such a model
+        answers 502 `upstream_error` (503 with Retry-After while it scales up from zero), never hangs.
+
+        Uses the handle's own assignment future (Ray 2.60; `tests/unit` checks it is still there)."""
+        try:
+            await asyncio.wait_for(response._fetch_future_result_async(), self.wait_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            response.cancel()
+            raise self.unavailable() from None
+
+    def unavailable(self) -> ApiError:
+        if self.spec.scales_from_zero:
+            return ApiError(Code.SERVICE_UNAVAILABLE, f"The model '{self.spec.id}' is scaling up from zero "
+                            "replicas; retry shortly.", headers={"Retry-After": str(RETRY_COLD_S)})
+        return ApiError(Code.UPSTREAM_ERROR, f"No replica of the model '{self.spec.id}' could take the request "
+                        f"within {self.wait_s:g}s (replicas lost, restarting or saturated); retry shortly.",
+                        headers={"Retry-After": str(RETRY_UPSTREAM_S)})
 
 
 class Router:
-    def __init__(self, specs: list[ModelSpec], handles: dict[str, Any], catalog_models: list[str] = ()):
+    def __init__(self, specs: list[ModelSpec], handles: dict[str, Any], catalog_models: list[str] = (),
+                 replica_wait_s: float = 30, scale_from_zero_wait_s: float = 60):
         self.catalog_models = set(catalog_models)
         self.routes: dict[str, Route] = {}
         for spec in specs:
@@ -30,6 +57,7 @@ class Router:
                 complete=handle.options(method_name="complete"),
                 health=handle.options(method_name="check_health"),
                 tokenizer=load_tokenizer(spec),
+                wait_s=scale_from_zero_wait_s if spec.scales_from_zero else replica_wait_s,
             )
 
     def route(self, model: str) -> Route:

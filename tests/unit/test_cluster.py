@@ -67,13 +67,13 @@ def test_tensor_parallel_must_match_accelerators():
         profiles.Catalog.model_validate(data)
 
 
-@pytest.mark.parametrize("name", ["local", "prod"])
+@pytest.mark.parametrize("name", ["local", "multinode", "prod"])
 def test_checked_in_artefacts_match_the_catalog(catalog, name):
     for path, text in profiles.build(name, catalog).items():
         assert path.read_text() == text, f"{path} drifted: run `qbt config build --profile {name}`"
 
 
-@pytest.mark.parametrize("name", ["local", "prod"])
+@pytest.mark.parametrize("name", ["local", "multinode", "prod"])
 def test_serve_parses_the_configs(name):
     from ray.serve.schema import ServeDeploySchema
 
@@ -97,6 +97,35 @@ def test_prod_app_builds_with_gpu_placement(catalog):
     one = next(m for m in catalog.models if m.id == "Qwen3Guard-Gen-0.6B")
     actor, options, engine = placement(one)
     assert actor["num_gpus"] == 1 and actor["accelerator_type"] == "L4" and not options
+
+
+def test_multinode_places_replicas_on_the_stand_in_accelerator_and_the_ingress_on_the_gateway(catalog):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.app import build_app
+
+    config = catalog.serve_config("multinode")
+    assert config["proxy_location"] == "HeadOnly"
+    args = config["applications"][0]["args"]
+    app = build_app(args)
+    ingress = app._bound_deployment
+    assert ingress.ray_actor_options["label_selector"] == {"qubittron.io/role": "gateway"}
+    warm, cold = profiles.Catalog.model_validate(catalog.model_dump()).profile_models("multinode")
+    actor, options, _ = placement(warm)
+    assert actor["resources"] == {"qbt_dev_accel": 1} and "num_gpus" not in actor and not options
+    assert (warm.autoscaling.min_replicas, warm.autoscaling.max_replicas) == (1, 2)
+    assert cold.scales_from_zero and not warm.scales_from_zero
+    ServeDeploySchema.model_validate(config)
+
+
+def test_prod_ingress_is_pinned_to_the_labelled_head(catalog):
+    args = catalog.serve_config("prod")["applications"][0]["args"]
+    assert args["ingress"]["label_selector"] == {"qubittron.io/role": "gateway"}
+    manifest = yaml.safe_load(kuberay.MANIFEST.read_text())
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    assert head["labels"] == "qubittron.io/role=gateway"
+    assert all("labels" not in g["rayStartParams"]
+               for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"])
 
 
 def crd_schema(name: str) -> dict:
