@@ -59,10 +59,27 @@ def logprobs_block(
             "text_offset": text_offset}
 
 
-def merge_logprobs(first: dict[str, list] | None, second: dict[str, list]) -> dict[str, list]:
+def merge_logprobs(first: dict[str, list] | None, second: dict[str, list] | None) -> dict[str, list] | None:
     if first is None:
         return second
+    if second is None:
+        return first
     return {key: first[key] + second[key] for key in second}
+
+
+def merge_fragments(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per choice index, in index order. Deltas that queued up while the previous item was being sent
+    go out as one: clients read one entry per index per chunk (`chunk.choices[0].text`)."""
+    merged: dict[int, dict[str, Any]] = {}
+    for fragment in fragments:
+        into = merged.get(fragment["index"])
+        if into is None:
+            merged[fragment["index"]] = fragment
+            continue
+        into["text"] += fragment["text"]
+        into["logprobs"] = merge_logprobs(into["logprobs"], fragment["logprobs"])
+        into["finish_reason"] = fragment["finish_reason"] or into["finish_reason"]
+    return [merged[i] for i in sorted(merged)]
 
 
 def finish_reason(engine_reason: str | None) -> str | None:

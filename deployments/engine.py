@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
-from deployments.choices import ChoiceCursor, finish_reason, logprobs_block, mean_logprob, merge_logprobs
+from deployments.choices import (ChoiceCursor, finish_reason, logprobs_block, mean_logprob, merge_fragments,
+                                 merge_logprobs)
 from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
 
 log = logging.getLogger("qbt.engine")
@@ -100,35 +102,61 @@ class Engine:
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
         """Yields what the engine produced since the last yield; nothing waits on a timer."""
         usage = Usage(prompt_tokens=req.prompt_tokens)
+        first = True
+        batches = self._direct(req) if len(req.prompts) == 1 else self._merged(req)
+        async with aclosing(batches):
+            async for outputs in batches:
+                choices = merge_fragments([self._fragment(req, *o, usage) for o in outputs])
+                yield StreamItem(choices=choices, usage=Usage(usage.prompt_tokens, usage.completion_tokens),
+                                 first_token=first)
+                first = False
+
+    async def _direct(self, req: GenerationRequest):
+        """One prompt: iterates the engine's stream itself. While the previous item is being sent, vLLM's output
+        collector merges the deltas of the steps that finish meanwhile, so a busy replica sends fewer, larger
+        items, and an idle one sends each step at once."""
+        params = self._params(req, req.n, stream=True)
+        cursors = [ChoiceCursor(index=j) for j in range(req.n)]
+        greedy = self._greedy(req)
+        try:
+            async with aclosing(self.llm.generate({"prompt_token_ids": req.prompts[0]}, params,
+                                                  f"{req.request_id}-0")) as results:
+                async for res in results:
+                    yield [(cursor, out, 0, res.prompt_logprobs) for out in res.outputs
+                           for cursor in (cursors if greedy else (cursors[out.index],))]
+        except _request_errors() as exc:
+            raise InvalidSampling(str(exc)) from exc
+        except Exception as exc:  # the engine's failure reaches the client as upstream_error
+            raise EngineFailure(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _merged(self, req: GenerationRequest):
+        """Several prompts: one engine request each, their outputs merged as they come."""
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(req, i, queue)) for i in range(len(req.prompts))]
-        live, first = len(tasks), True
+        live = len(tasks)
         try:
             while live:
                 items = [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
-                choices = []
+                outputs = []
                 for item in items:
                     if item is None:
                         live -= 1
                     elif isinstance(item, BaseException):
                         raise item
                     else:
-                        choices.append(self._fragment(req, *item, usage))
-                if choices:
-                    choices.sort(key=lambda c: c["index"])
-                    yield StreamItem(choices=choices, usage=Usage(usage.prompt_tokens, usage.completion_tokens),
-                                     first_token=first)
-                    first = False
+                        outputs.append(item)
+                if outputs:
+                    yield outputs
         finally:
             for task in tasks:
                 task.cancel()
 
     async def _pump(self, req: GenerationRequest, prompt_idx: int, queue: asyncio.Queue) -> None:
-        params = self._params(req, req.n, stream=True)
         cursors = [ChoiceCursor(index=prompt_idx * req.n + j) for j in range(req.n)]
         try:
+            params = self._params(req, req.n, stream=True)
             async for res in self.llm.generate({"prompt_token_ids": req.prompts[prompt_idx]}, params,
                                                f"{req.request_id}-{prompt_idx}"):
                 for out in res.outputs:
@@ -137,6 +165,8 @@ class Engine:
             queue.put_nowait(None)
         except asyncio.CancelledError:
             raise
+        except InvalidSampling as exc:
+            queue.put_nowait(exc)
         except _request_errors() as exc:
             queue.put_nowait(InvalidSampling(str(exc)))
         except Exception as exc:  # the engine's failure reaches the client as upstream_error

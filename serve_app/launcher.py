@@ -11,6 +11,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -179,19 +180,52 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
         shutdown(redis_proc)
 
 
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def direct_ingress(host: str, port: int, ingress_replicas: int) -> int:
+    """The port for Serve's proxy. In throughput-optimized mode Serve starts an HTTP server in the ingress replica
+    itself (direct ingress); clients are given that one, with no proxy hop (README, Performance), and the proxy
+    moves to a free port. Otherwise the proxy keeps the service port."""
+    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1" or \
+            os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1") != "1":
+        return port
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + ingress_replicas)
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) -> None:
     import ray
     from ray import serve
 
     from serve_app.app import build_app
 
+    if not port_free(host, port):
+        raise SystemExit(f"port {port} on {host} is in use: stop what uses it (another `qbt serve`?) or pass "
+                         "--port")
+    replicas = max(int(app.get("args", {}).get("ingress", {}).get("num_replicas", 1))
+                   for app in serve_config["applications"])
+    proxy_port = direct_ingress(host, port, replicas)
+    if proxy_port != port:
+        say(f"clients talk to the ingress replica on {host}:{port} (direct ingress); Serve's proxy is on "
+            f"{host}:{proxy_port}")
     say(f"starting Ray ({num_cpus} logical CPUs) and deploying {len(serve_config['applications'])} app(s)")
     env = {"REDIS_URL": url, "QBT_MODELS_DIR": os.environ.get("QBT_MODELS_DIR", str(ROOT / ".cache" / "models"))}
     env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
              _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
              _temp_dir=os.environ.get("QBT_RAY_TEMP_DIR"))
-    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    serve.start(http_options={"host": host, "port": proxy_port}, proxy_location="HeadOnly")
     for app in serve_config["applications"]:
         args = dict(app.get("args", {}))
         args["redis_url"] = url

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from deployments.choices import ChoiceCursor, finish_reason, logprobs_block, mean_logprob, merge_logprobs
+from deployments.choices import (ChoiceCursor, finish_reason, logprobs_block, mean_logprob, merge_fragments,
+                                 merge_logprobs)
 
 
 @dataclass
@@ -44,6 +45,19 @@ def test_merge_concatenates():
     b = {"tokens": ["b"], "token_logprobs": [-1.0], "top_logprobs": [{"b": -1.0}], "text_offset": [1]}
     assert merge_logprobs(a, b)["tokens"] == ["a", "b"]
     assert merge_logprobs(None, b) is b
+
+
+def test_queued_fragments_merge_to_one_entry_per_index():
+    a = {"tokens": ["a"], "token_logprobs": [-0.5], "top_logprobs": [None], "text_offset": [0]}
+    b = {"tokens": ["b"], "token_logprobs": [-1.0], "top_logprobs": [None], "text_offset": [1]}
+    merged = merge_fragments([
+        {"index": 1, "text": "x", "logprobs": None, "finish_reason": None},
+        {"index": 0, "text": "a", "logprobs": a, "finish_reason": None},
+        {"index": 0, "text": "b", "logprobs": b, "finish_reason": "length"},
+        {"index": 1, "text": "y", "logprobs": None, "finish_reason": None},
+    ])
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in merged] == [(0, "ab", "length"), (1, "xy", None)]
+    assert merged[0]["logprobs"]["text_offset"] == [0, 1] and merged[1]["logprobs"] is None
 
 
 def test_finish_reasons():
