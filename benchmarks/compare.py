@@ -63,26 +63,37 @@ def wait_ready(name: str, url: str, headers: dict, proc: subprocess.Popen, timeo
     raise SystemExit(f"{name} not ready after {timeout}s")
 
 
-def systems(qbt_env: dict[str, str]) -> tuple[dict[str, tuple[str, dict]], list[subprocess.Popen]]:
-    model_dir = str(model_path(MODEL))
+def start_qbt(env: dict[str, str] | None = None) -> subprocess.Popen:
     OUT.mkdir(parents=True, exist_ok=True)
-    procs = [
-        start("qbt", [PY, "-m", "serve_app.cli", "serve", "--port", str(PORTS["qbt"]), "--run-dir",
-                      str(ROOT / ".run" / "bench")], OUT / "qbt.log",
-              {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181", **qbt_env}),
-        start("vllm", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name",
-                       MODEL, "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--port",
-                       str(PORTS["vllm"])], OUT / "vllm.log",
-              {"VLLM_CPU_KVCACHE_SPACE": "1"}),
-        start("rayllm", [PY, "-m", "benchmarks.rayllm_server", model_dir, str(PORTS["rayllm"])], OUT / "rayllm.log"),
-    ]
+    return start("qbt", [PY, "-m", "serve_app.cli", "serve", "--port", str(PORTS["qbt"]), "--run-dir",
+                         str(ROOT / ".run" / "bench")], OUT / "qbt.log",
+                 {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181", **(env or {})})
+
+
+def start_vllm() -> subprocess.Popen:
+    """vLLM's own OpenAI server on the same model and engine settings as the catalog's local profile."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    return start("vllm", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path(MODEL)),
+                          "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "512",
+                          "--enforce-eager", "--port", str(PORTS["vllm"])], OUT / "vllm.log",
+                 {"VLLM_CPU_KVCACHE_SPACE": "1"})
+
+
+def bench_key(guard: str = "off") -> str:
+    """A key without limits on the benchmark's own Redis, whose account never runs dry."""
+    r = store.sync_client(REDIS_URL)
+    accounts.ensure_account(r, "bench", "1000000")
+    return accounts.create_key(r, "bench", rpm=0, tpm=0, guard=guard)[0]
+
+
+def systems(qbt_env: dict[str, str]) -> tuple[dict[str, tuple[str, dict]], list[subprocess.Popen]]:
+    procs = [start_qbt(qbt_env), start_vllm(),
+             start("rayllm", [PY, "-m", "benchmarks.rayllm_server", str(model_path(MODEL)), str(PORTS["rayllm"])],
+                   OUT / "rayllm.log")]
     wait_ready("vllm", f"http://127.0.0.1:{PORTS['vllm']}/v1/models", {}, procs[1])
     wait_ready("rayllm", f"http://127.0.0.1:{PORTS['rayllm']}/v1/models", {}, procs[2])
     wait_ready("qbt", f"http://127.0.0.1:{PORTS['qbt']}/health", {}, procs[0])
-    r = store.sync_client(REDIS_URL)
-    accounts.ensure_account(r, "bench", "1000000")
-    plain, _ = accounts.create_key(r, "bench", rpm=0, tpm=0, guard="off")
-    guarded, _ = accounts.create_key(r, "bench", rpm=0, tpm=0, guard="input")
+    plain, guarded = bench_key("off"), bench_key("input")
     qbt = f"http://127.0.0.1:{PORTS['qbt']}"
     return {"vllm": (f"http://127.0.0.1:{PORTS['vllm']}", {}),
             "qbt": (qbt, {"Authorization": f"Bearer {plain}"}),

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.compare import OUT, PORTS, PY, REDIS_URL, ROOT, say, start, wait_ready
+from benchmarks.compare import OUT, PORTS, PY, bench_key, say, start_qbt, start_vllm, wait_ready
 from benchmarks.load import run
-from serve_app import accounts, store
-from serve_app.dev_models import ensure_built, model_path
+from serve_app.dev_models import ensure_built
 from serve_app.launcher import become_subreaper, stop_descendants
 
 MODEL = "qbt-dev-llm"
@@ -175,18 +174,10 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     procs = []
     try:
-        procs.append(start("qbt", [PY, "-m", "serve_app.cli", "serve", "--port", str(PORTS["qbt"]), "--run-dir",
-                                   str(ROOT / ".run" / "bench")], OUT / "qbt.log",
-                           {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181"}))
-        procs.append(start("vllm", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                    str(model_path(MODEL)), "--served-model-name", MODEL, "--dtype", "float32",
-                                    "--max-model-len", "512", "--enforce-eager", "--port", str(PORTS["vllm"])],
-                           OUT / "vllm.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}))
+        procs += [start_qbt(), start_vllm()]
         wait_ready("vllm", f"http://127.0.0.1:{PORTS['vllm']}/v1/models", {}, procs[1])
         wait_ready("qbt", f"http://127.0.0.1:{PORTS['qbt']}/health", {}, procs[0])
-        r = store.sync_client(REDIS_URL)
-        accounts.ensure_account(r, "bench", "1000000")
-        key, _ = accounts.create_key(r, "bench", rpm=0, tpm=0, guard="off")
+        key = bench_key()
         rows, spies = asyncio.run(main_async(args, psutil.Process(procs[0].pid), psutil.Process(procs[1].pid),
                                              key))
         meta = (f"Command: `.venv/bin/python -m benchmarks.profile {' '.join(sys.argv[1:])}`; streaming, "

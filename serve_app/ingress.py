@@ -371,7 +371,8 @@ def classify(exc: BaseException, spec: ModelSpec) -> ApiError:
 
 
 def error_response(exc: ApiError, headers: dict | None = None) -> Response:
-    """Serve's proxy adds `x-request-id` (the client's own, or one it generates) to every response."""
+    """Serve (its proxy, or the ingress replica's own HTTP server) adds `x-request-id` (the client's own, or one it
+    generates) to every response."""
     out = dict(headers or {})
     out.update(exc.headers)
     return Response(exc.body(), status_code=exc.status, headers=out, media_type=JSON)

@@ -12,6 +12,9 @@ from serve_app.errors import ApiError, Code
 
 
 RETRY_COLD_S, RETRY_UPSTREAM_S = 30, 5
+# Plain pickle for what crosses to and from the model replicas (deployments/wire.py: importable dataclasses): Serve's
+# default, cloudpickle, costs ~25x more per streamed item (benchmarks/results/profile.md).
+WIRE = {"request_serialization": "pickle", "response_serialization": "pickle"}
 
 
 @dataclass(slots=True)
@@ -53,9 +56,9 @@ class Router:
             handle = handles[spec.id]
             self.routes[spec.id] = Route(
                 spec=spec,
-                stream=handle.options(stream=True, method_name="stream"),
-                complete=handle.options(method_name="complete"),
-                health=handle.options(method_name="check_health"),
+                stream=handle.options(stream=True, method_name="stream", **WIRE),
+                complete=handle.options(method_name="complete", **WIRE),
+                health=handle.options(method_name="check_health", **WIRE),
                 tokenizer=load_tokenizer(spec),
                 wait_s=scale_from_zero_wait_s if spec.scales_from_zero else replica_wait_s,
             )
