@@ -30,6 +30,7 @@ from serve_app.launcher import become_subreaper, stop_descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"
+LOGS = OUT / "raw"  # servers' logs and raw profiles, not kept in git
 PY = sys.executable
 REDIS_URL = "redis://127.0.0.1:6398/0"
 PORTS = {"qbt": 8101, "vllm": 8102, "rayllm": 8103}
@@ -44,6 +45,7 @@ def say(msg: str) -> None:
 
 def start(name: str, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     say(f"starting {name}: {' '.join(cmd)}")
+    log.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, **(env or {})})
 
@@ -52,7 +54,7 @@ def wait_ready(name: str, url: str, headers: dict, proc: subprocess.Popen, timeo
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with {proc.returncode}; see its log in {OUT}")
+            raise SystemExit(f"{name} exited with {proc.returncode}; see its log in {LOGS}")
         try:
             if httpx.get(url, headers=headers, timeout=5).status_code == 200:
                 say(f"{name} ready after {time.monotonic() - started:.0f}s")
@@ -66,7 +68,7 @@ def wait_ready(name: str, url: str, headers: dict, proc: subprocess.Popen, timeo
 def start_qbt(env: dict[str, str] | None = None) -> subprocess.Popen:
     OUT.mkdir(parents=True, exist_ok=True)
     return start("qbt", [PY, "-m", "serve_app.cli", "serve", "--port", str(PORTS["qbt"]), "--run-dir",
-                         str(ROOT / ".run" / "bench")], OUT / "qbt.log",
+                         str(ROOT / ".run" / "bench")], LOGS / "qbt.log",
                  {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181", **(env or {})})
 
 
@@ -75,7 +77,7 @@ def start_vllm() -> subprocess.Popen:
     OUT.mkdir(parents=True, exist_ok=True)
     return start("vllm", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path(MODEL)),
                           "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "512",
-                          "--enforce-eager", "--port", str(PORTS["vllm"])], OUT / "vllm.log",
+                          "--enforce-eager", "--port", str(PORTS["vllm"])], LOGS / "vllm.log",
                  {"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
@@ -89,7 +91,7 @@ def bench_key(guard: str = "off") -> str:
 def systems(qbt_env: dict[str, str]) -> tuple[dict[str, tuple[str, dict]], list[subprocess.Popen]]:
     procs = [start_qbt(qbt_env), start_vllm(),
              start("rayllm", [PY, "-m", "benchmarks.rayllm_server", str(model_path(MODEL)), str(PORTS["rayllm"])],
-                   OUT / "rayllm.log")]
+                   LOGS / "rayllm.log")]
     wait_ready("vllm", f"http://127.0.0.1:{PORTS['vllm']}/v1/models", {}, procs[1])
     wait_ready("rayllm", f"http://127.0.0.1:{PORTS['rayllm']}/v1/models", {}, procs[2])
     wait_ready("qbt", f"http://127.0.0.1:{PORTS['qbt']}/health", {}, procs[0])

@@ -3,8 +3,9 @@ and a py-spy profile of the ingress and the model replica, both under load.
 
     .venv/bin/python -m benchmarks.profile [--rounds 2] [--concurrency 16] [--requests 128]
 
-Writes benchmarks/results/profile.md (and the raw py-spy stacks next to it). On a machine whose CPUs the engine
-also needs, every CPU second spent outside the engine is throughput lost, so CPU per output token is the figure.
+Writes benchmarks/results/profile.md (raw py-spy stacks in benchmarks/results/raw/). On a machine whose CPUs the
+engine also needs, every CPU second spent outside the engine is throughput lost, so CPU per output token is the
+figure.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.compare import OUT, PORTS, PY, bench_key, say, start_qbt, start_vllm, wait_ready
+from benchmarks.compare import LOGS, OUT, PORTS, PY, bench_key, say, start_qbt, start_vllm, wait_ready
 from benchmarks.load import run
 from serve_app.dev_models import ensure_built
 from serve_app.launcher import become_subreaper, stop_descendants
@@ -152,14 +153,14 @@ async def main_async(args, qbt: psutil.Process, vllm: psutil.Process, key: str) 
                 f"{sum(row['cpu'].values()) * 1e6 / max(row['tokens'], 1):.0f} CPU ms per 1000 tokens")
             rows.append(row)
     procs = {role(p): p.pid for p in qbt.children(recursive=True) if role(p) in SPY}
-    spies = {name: spy(pid, args.spy_seconds, OUT / f"profile-{SPY[name]}.txt") for name, pid in procs.items()}
+    spies = {name: spy(pid, args.spy_seconds, LOGS / f"profile-{SPY[name]}.txt") for name, pid in procs.items()}
     _, url, headers = targets["qbt"]
     deadline = time.monotonic() + args.spy_seconds
     while time.monotonic() < deadline:
         await run("qbt", url, headers, MODEL, True, args.concurrency, args.concurrency * 2, 32)
     for p in spies.values():
         p.wait(60)
-    return rows, {name: top_frames(OUT / f"profile-{SPY[name]}.txt") for name in spies}
+    return rows, {name: top_frames(LOGS / f"profile-{SPY[name]}.txt") for name in spies}
 
 
 def main() -> int:
