@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -41,6 +42,21 @@ QUICK = [(True, 1, 8), (True, 16, 32)]
 
 def say(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
+
+
+@contextmanager
+def session():
+    """Builds the dev models and yields the list of servers to start; on the way out they, and everything they
+    started, are stopped by process id (this process is their subreaper)."""
+    become_subreaper()
+    ensure_built(log=say)
+    procs: list[subprocess.Popen] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        stop_descendants(grace_s=30)
 
 
 def start(name: str, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -88,10 +104,10 @@ def bench_key(guard: str = "off") -> str:
     return accounts.create_key(r, "bench", rpm=0, tpm=0, guard=guard)[0]
 
 
-def systems(qbt_env: dict[str, str]) -> tuple[dict[str, tuple[str, dict]], list[subprocess.Popen]]:
-    procs = [start_qbt(qbt_env), start_vllm(),
-             start("rayllm", [PY, "-m", "benchmarks.rayllm_server", str(model_path(MODEL)), str(PORTS["rayllm"])],
-                   LOGS / "rayllm.log")]
+def systems(qbt_env: dict[str, str], procs: list[subprocess.Popen]) -> dict[str, tuple[str, dict]]:
+    procs += [start_qbt(qbt_env), start_vllm(),
+              start("rayllm", [PY, "-m", "benchmarks.rayllm_server", str(model_path(MODEL)), str(PORTS["rayllm"])],
+                    LOGS / "rayllm.log")]
     wait_ready("vllm", f"http://127.0.0.1:{PORTS['vllm']}/v1/models", {}, procs[1])
     wait_ready("rayllm", f"http://127.0.0.1:{PORTS['rayllm']}/v1/models", {}, procs[2])
     wait_ready("qbt", f"http://127.0.0.1:{PORTS['qbt']}/health", {}, procs[0])
@@ -100,7 +116,7 @@ def systems(qbt_env: dict[str, str]) -> tuple[dict[str, tuple[str, dict]], list[
     return {"vllm": (f"http://127.0.0.1:{PORTS['vllm']}", {}),
             "qbt": (qbt, {"Authorization": f"Bearer {plain}"}),
             "rayllm": (f"http://127.0.0.1:{PORTS['rayllm']}", {}),
-            "qbt+guard": (qbt, {"Authorization": f"Bearer {guarded}"})}, procs
+            "qbt+guard": (qbt, {"Authorization": f"Bearer {guarded}"})}
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
@@ -191,11 +207,8 @@ def main() -> int:
     parser.add_argument("--qbt-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the qubittron server only (for example Ray Serve flags)")
     args = parser.parse_args()
-    become_subreaper()
-    ensure_built(log=say)
-    procs = []
-    try:
-        targets, procs = systems(dict(kv.split("=", 1) for kv in args.qbt_env))
+    with session() as procs:
+        targets = systems(dict(kv.split("=", 1) for kv in args.qbt_env), procs)
         rows = asyncio.run(measure(targets, args.rounds, QUICK if args.quick else CONFIGS))
         meta = {"command": " ".join([".venv/bin/python -m benchmarks.compare", *sys.argv[1:]]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
@@ -206,10 +219,6 @@ def main() -> int:
         plot(rows)
         print(report(rows, meta))
         return 0
-    finally:
-        for p in procs:
-            p.terminate()
-        stop_descendants(grace_s=30)
 
 
 if __name__ == "__main__":

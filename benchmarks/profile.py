@@ -21,10 +21,8 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.compare import LOGS, OUT, PORTS, PY, bench_key, say, start_qbt, start_vllm, wait_ready
+from benchmarks.compare import LOGS, OUT, PORTS, PY, bench_key, say, session, start_qbt, start_vllm, wait_ready
 from benchmarks.load import run
-from serve_app.dev_models import ensure_built
-from serve_app.launcher import become_subreaper, stop_descendants
 
 MODEL = "qbt-dev-llm"
 ROLES = (("ServeReplica:qbt:Ingress", "ingress replica"), ("ServeReplica:qbt:model-qbt-dev-llm", "model replica"),
@@ -170,11 +168,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--spy-seconds", type=int, default=20)
     args = parser.parse_args()
-    become_subreaper()
-    ensure_built(log=say)
-    OUT.mkdir(parents=True, exist_ok=True)
-    procs = []
-    try:
+    with session() as procs:
         procs += [start_qbt(), start_vllm()]
         wait_ready("vllm", f"http://127.0.0.1:{PORTS['vllm']}/v1/models", {}, procs[1])
         wait_ready("qbt", f"http://127.0.0.1:{PORTS['qbt']}/health", {}, procs[0])
@@ -188,10 +182,6 @@ def main() -> int:
         (OUT / "profile.md").write_text(text)
         print(text)
         return 0
-    finally:
-        for p in procs:
-            p.terminate()
-        stop_descendants(grace_s=30)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,9 @@ import time
 import httpx
 import psutil
 
-from benchmarks.compare import OUT, PORTS, bench_key, say, start_qbt, wait_ready
+from benchmarks.compare import OUT, PORTS, bench_key, say, session, start_qbt, wait_ready
 from benchmarks.load import run
 from benchmarks.profile import role
-from serve_app.dev_models import ensure_built
-from serve_app.launcher import become_subreaper, stop_descendants
 
 MODEL = "qbt-dev-llm"
 MIB = 1024 * 1024
@@ -115,10 +113,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--streams", type=int, default=64)
     args = parser.parse_args()
-    become_subreaper()
-    ensure_built(log=say)
-    procs = [start_qbt()]
-    try:
+    with session() as procs:
+        procs.append(start_qbt())
         url = f"http://127.0.0.1:{PORTS['qbt']}"
         wait_ready("qbt", url + "/health", {}, procs[0])
         key = bench_key()
@@ -134,10 +130,6 @@ def main() -> int:
         (OUT / "soak.md").write_text(text)
         print(text)
         return 0
-    finally:
-        for p in procs:
-            p.terminate()
-        stop_descendants(grace_s=30)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ class Engine:
         """Yields what the engine produced since the last yield; nothing waits on a timer."""
         usage = Usage(prompt_tokens=req.prompt_tokens)
         first = True
-        batches = self._direct(req) if len(req.prompts) == 1 else self._merged(req)
+        batches = self._outputs(req, 0) if len(req.prompts) == 1 else self._merged(req)
         async with aclosing(batches):
             async for outputs in batches:
                 choices = merge_fragments([self._fragment(req, *o, usage) for o in outputs])
@@ -111,18 +111,18 @@ class Engine:
                                  first_token=first)
                 first = False
 
-    async def _direct(self, req: GenerationRequest):
-        """One prompt: iterates the engine's stream itself. While the previous item is being sent, vLLM's output
-        collector merges the deltas of the steps that finish meanwhile, so a busy replica sends fewer, larger
-        items, and an idle one sends each step at once."""
+    async def _outputs(self, req: GenerationRequest, prompt_idx: int):
+        """One prompt's engine stream: per engine output, (cursor, output, prompt index, prompt logprobs) for each
+        choice it advances. While the consumer is busy sending, vLLM's output collector merges the deltas of the
+        steps that finish meanwhile: a busy replica sends fewer, larger items, an idle one each step at once."""
         params = self._params(req, req.n, stream=True)
-        cursors = [ChoiceCursor(index=j) for j in range(req.n)]
+        cursors = [ChoiceCursor(index=prompt_idx * req.n + j) for j in range(req.n)]
         greedy = self._greedy(req)
         try:
-            async with aclosing(self.llm.generate({"prompt_token_ids": req.prompts[0]}, params,
-                                                  f"{req.request_id}-0")) as results:
+            async with aclosing(self.llm.generate({"prompt_token_ids": req.prompts[prompt_idx]}, params,
+                                                  f"{req.request_id}-{prompt_idx}")) as results:
                 async for res in results:
-                    yield [(cursor, out, 0, res.prompt_logprobs) for out in res.outputs
+                    yield [(cursor, out, prompt_idx, res.prompt_logprobs) for out in res.outputs
                            for cursor in (cursors if greedy else (cursors[out.index],))]
         except _request_errors() as exc:
             raise InvalidSampling(str(exc)) from exc
@@ -146,7 +146,7 @@ class Engine:
                     elif isinstance(item, BaseException):
                         raise item
                     else:
-                        outputs.append(item)
+                        outputs += item
                 if outputs:
                     yield outputs
         finally:
@@ -154,23 +154,13 @@ class Engine:
                 task.cancel()
 
     async def _pump(self, req: GenerationRequest, prompt_idx: int, queue: asyncio.Queue) -> None:
-        cursors = [ChoiceCursor(index=prompt_idx * req.n + j) for j in range(req.n)]
         try:
-            params = self._params(req, req.n, stream=True)
-            async for res in self.llm.generate({"prompt_token_ids": req.prompts[prompt_idx]}, params,
-                                               f"{req.request_id}-{prompt_idx}"):
-                for out in res.outputs:
-                    for cursor in (cursors if self._greedy(req) else (cursors[out.index],)):
-                        queue.put_nowait((cursor, out, prompt_idx, res.prompt_logprobs))
+            async with aclosing(self._outputs(req, prompt_idx)) as outputs:
+                async for batch in outputs:
+                    queue.put_nowait(batch)
             queue.put_nowait(None)
-        except asyncio.CancelledError:
-            raise
-        except InvalidSampling as exc:
+        except Exception as exc:  # InvalidSampling or EngineFailure, raised to the client by _merged
             queue.put_nowait(exc)
-        except _request_errors() as exc:
-            queue.put_nowait(InvalidSampling(str(exc)))
-        except Exception as exc:  # the engine's failure reaches the client as upstream_error
-            queue.put_nowait(EngineFailure(f"{type(exc).__name__}: {exc}"))
 
     async def complete(self, req: GenerationRequest) -> tuple[list[dict[str, Any]], Usage]:
         """Non-streaming: with best_of, generates best_of candidates and keeps the n best by mean logprob."""
