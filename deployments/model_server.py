@@ -18,7 +18,7 @@ log = logging.getLogger("qbt.model_server")
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
 class ModelServer:
     async def __init__(self, model_id: str, weights_path: str, engine_kwargs: dict):
-        configure_logging()
+        configure_logging(names=("qbt", "vllm"))
         stats = EngineStatsLogger(model_id)
         self.engine = Engine(weights_path, model_id, engine_kwargs, stat_loggers=[stats.factory()])
         await self.engine.start()

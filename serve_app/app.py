@@ -11,13 +11,19 @@ from serve_app.catalog import ModelSpec, ServiceConfig
 from serve_app.ingress import Ingress
 
 
+# vLLM's own logging setup (logging.config.dictConfig) closes the handlers Ray Serve installed in the replica: the
+# replica's log stops, and Serve's buffering handler, left without a target, keeps every access-log record (about
+# 2 KiB per request, benchmarks/results/soak.md). vLLM's loggers go to Serve's handlers instead (configure_logging).
+ENGINE_ENV = {"VLLM_CONFIGURE_LOGGING": "0"}
+
+
 def placement(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(actor options, deployment options, engine arguments) for the model's accelerators.
 
     One GPU: the replica actor holds it. Tensor parallel over N: a placement group of N GPU bundles on one node
     (STRICT_PACK), with vLLM's Ray executor placing its workers in it, as Ray Serve LLM does.
     """
-    actor: dict[str, Any] = {"num_cpus": spec.num_cpus, "runtime_env": {"env_vars": dict(spec.env)}}
+    actor: dict[str, Any] = {"num_cpus": spec.num_cpus, "runtime_env": {"env_vars": {**ENGINE_ENV, **spec.env}}}
     options: dict[str, Any] = {}
     engine = spec.engine_kwargs()
     acc = spec.accelerator

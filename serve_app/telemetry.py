@@ -15,15 +15,17 @@ LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Sends the `qbt.*` loggers to Ray Serve's handlers, so they land in the replica's log file."""
-    qbt = logging.getLogger("qbt")
+def configure_logging(level: int = logging.INFO, names: tuple[str, ...] = ("qbt",)) -> None:
+    """Sends these loggers (`qbt.*`; in a model replica also `vllm.*`) to Ray Serve's handlers, so they land in the
+    replica's log file."""
     serve_handlers = logging.getLogger("ray.serve").handlers
-    if serve_handlers and not qbt.handlers:
-        for handler in serve_handlers:
-            qbt.addHandler(handler)
-        qbt.propagate = False
-    qbt.setLevel(level)
+    for name in names:
+        logger = logging.getLogger(name)
+        if serve_handlers and not logger.handlers:
+            for handler in serve_handlers:
+                logger.addHandler(handler)
+            logger.propagate = False
+        logger.setLevel(level)
 
 
 class IngressMetrics:

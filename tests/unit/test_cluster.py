@@ -113,6 +113,8 @@ def test_multinode_places_replicas_on_the_stand_in_accelerator_and_the_ingress_o
     warm, cold = profiles.Catalog.model_validate(catalog.model_dump()).profile_models("multinode")
     actor, options, _ = placement(warm)
     assert actor["resources"] == {"qbt_dev_accel": 1} and "num_gpus" not in actor and not options
+    # vLLM must not reconfigure logging in a replica: it would close Serve's handlers (a leak per request).
+    assert actor["runtime_env"]["env_vars"] == {"VLLM_CONFIGURE_LOGGING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     assert (warm.autoscaling.min_replicas, warm.autoscaling.max_replicas) == (1, 2)
     assert cold.scales_from_zero and not warm.scales_from_zero
     ServeDeploySchema.model_validate(config)
