@@ -1,10 +1,10 @@
 """The KubeRay `RayService` for the prod profile, generated from the catalog.
 
 The head pod runs the Serve controller, the HTTP proxy and the ingress replicas but no model replicas (it has no
-GPUs, and every model replica asks for one); the ingress is pinned to it by the node label GATEWAY_LABEL, so that it
-never takes a GPU node's CPUs. One GPU worker group per accelerator type, sized from the catalog's
-autoscaling bounds; KubeRay's in-tree autoscaler adds pods when Serve's new replicas cannot be placed. Redis's URL
-comes from a Secret, never from the manifest.
+GPUs, and every model replica asks for one); the ingress is pinned to it by a node label (the prod profile's
+`ingress.label_selector`, given to the head's `ray start --labels`), so that it never takes a GPU node's CPUs. One
+GPU worker group per accelerator type, sized from the catalog's autoscaling bounds; KubeRay's in-tree autoscaler
+adds pods when Serve's new replicas cannot be placed. Redis's URL comes from a Secret, never from the manifest.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ RAY_VERSION = "2.60.0"
 IMAGE = "ghcr.io/qubittron/qubittron-serve:0.1.0-gpu"
 REDIS_SECRET = {"name": "qbt-redis", "key": "url"}
 HEAD_CPUS = 4
-GATEWAY_LABEL = ("qubittron.io/role", "gateway")
 
 
 def _env() -> list[dict]:
@@ -36,10 +35,12 @@ def _resources(cpu: int | str, memory: str, gpus: int = 0) -> dict:
     return {"requests": dict(limits), "limits": limits}
 
 
-def head_group() -> dict:
+def head_group(labels: dict[str, str]) -> dict:
+    params = {"num-cpus": str(HEAD_CPUS), "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"}
+    if labels:
+        params["labels"] = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
     return {
-        "rayStartParams": {"num-cpus": str(HEAD_CPUS), "dashboard-host": "0.0.0.0", "metrics-export-port": "8080",
-                           "labels": "=".join(GATEWAY_LABEL)},
+        "rayStartParams": params,
         "template": {"spec": {"containers": [{
             "name": "ray-head", "image": IMAGE, "env": _env(),
             "ports": [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
@@ -90,7 +91,7 @@ def manifest(catalog: Catalog, serve_config: dict) -> dict:
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 600},
-                "headGroupSpec": head_group(),
+                "headGroupSpec": head_group(catalog.service_config("prod").ingress.label_selector),
                 "workerGroupSpecs": worker_groups(catalog),
             },
         },

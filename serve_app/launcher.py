@@ -213,9 +213,9 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) ->
     if not port_free(host, port):
         raise SystemExit(f"port {port} on {host} is in use: stop what uses it (another `qbt serve`?) or pass "
                          "--port")
-    replicas = max(int(app.get("args", {}).get("ingress", {}).get("num_replicas", 1))
-                   for app in serve_config["applications"])
-    proxy_port = direct_ingress(host, port, replicas)
+    apps = [(app, {**app.get("args", {}), "redis_url": url}) for app in serve_config["applications"]]
+    configs = [ServiceConfig.model_validate(args) for _, args in apps]
+    proxy_port = direct_ingress(host, port, max(c.ingress.num_replicas for c in configs))
     if proxy_port != port:
         say(f"clients talk to the ingress replica on {host}:{port} (direct ingress); Serve's proxy is on "
             f"{host}:{proxy_port}")
@@ -226,10 +226,7 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) ->
              _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
              _temp_dir=os.environ.get("QBT_RAY_TEMP_DIR"))
     serve.start(http_options={"host": host, "port": proxy_port}, proxy_location="HeadOnly")
-    for app in serve_config["applications"]:
-        args = dict(app.get("args", {}))
-        args["redis_url"] = url
-        ServiceConfig.model_validate(args)
+    for app, args in apps:
         # Not waiting here: wait_healthy() polls /health and reports progress meanwhile.
         serve._run(build_app(args), name=app["name"], route_prefix=app.get("route_prefix", "/"), _blocking=False)
 

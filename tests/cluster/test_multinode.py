@@ -112,15 +112,13 @@ class Cluster:
     def running(self, model: str) -> int:
         return sum(r["state"] == "RUNNING" for r in self.replicas("model-" + model))
 
-    def wait_running(self, model: str, count: int, timeout_s: float, while_=None) -> None:
+    def wait_running(self, model: str, count: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         seen = []
         while time.monotonic() < deadline:
             seen.append(self.running(model))
             if seen[-1] == count:
                 return
-            if while_ is not None:
-                while_()
             time.sleep(1)
         pytest.fail(f"{model} did not reach {count} running replica(s) within {timeout_s:.0f}s; saw {seen[-20:]}")
 
