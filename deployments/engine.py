@@ -102,14 +102,11 @@ class Engine:
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
         """Yields what the engine produced since the last yield; nothing waits on a timer."""
         usage = Usage(prompt_tokens=req.prompt_tokens)
-        first = True
         batches = self._outputs(req, 0) if len(req.prompts) == 1 else self._merged(req)
         async with aclosing(batches):
             async for outputs in batches:
                 choices = merge_fragments([self._fragment(req, *o, usage) for o in outputs])
-                yield StreamItem(choices=choices, usage=Usage(usage.prompt_tokens, usage.completion_tokens),
-                                 first_token=first)
-                first = False
+                yield StreamItem(choices=choices, usage=Usage(usage.prompt_tokens, usage.completion_tokens))
 
     async def _outputs(self, req: GenerationRequest, prompt_idx: int):
         """One prompt's engine stream: per engine output, (cursor, output, prompt index, prompt logprobs) for each

@@ -1,4 +1,5 @@
-"""The per-model Serve deployment: each replica owns one vLLM engine and streams choice fragments back."""
+"""The per-model Serve deployment: each replica owns one engine (vLLM, or the simulated engine for `sim://`
+models) and streams choice fragments back."""
 
 from __future__ import annotations
 
@@ -8,19 +9,28 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from deployments.engine import Engine
 from deployments.wire import GenerationRequest, StreamItem
-from serve_app.telemetry import EngineStatsLogger, configure_logging, context_from, tracer
+from serve_app.telemetry.logs import configure_logging
+from serve_app.telemetry.tracing import context_from, tracer
 
 log = logging.getLogger("qbt.model_server")
 
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
 class ModelServer:
-    async def __init__(self, model_id: str, weights_path: str, engine_kwargs: dict):
+    async def __init__(self, model_id: str, weights_path: str, engine_kwargs: dict, simulation: dict | None = None):
         configure_logging(names=("qbt", "vllm"))
-        stats = EngineStatsLogger(model_id)
-        self.engine = Engine(weights_path, model_id, engine_kwargs, stat_loggers=[stats.factory()])
+        if simulation is not None:
+            from deployments.sim_engine import SimConfig, SimEngine
+
+            # A simulated death is a real one: the replica's process exits, as when a GPU node is lost.
+            self.engine = SimEngine(model_id, SimConfig.model_validate(simulation), on_die=lambda: os._exit(1))
+        else:
+            from deployments.engine import Engine
+            from deployments.stats import EngineStatsLogger
+
+            stats = EngineStatsLogger(model_id)
+            self.engine = Engine(weights_path, model_id, engine_kwargs, stat_loggers=[stats.factory()])
         await self.engine.start()
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
@@ -46,9 +56,6 @@ class ModelServer:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -21,7 +21,7 @@ class GenerationRequest:
     best_of: int | None = None
     logprobs: int | None = None
     echo: bool = False
-    max_tokens: int = 16
+    max_tokens: int = field(kw_only=True)  # no default here: the ingress's is CompletionRequest.max_tokens_or_default
     trace_context: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -52,7 +52,6 @@ class StreamItem:
 
     choices: list[dict[str, Any]]
     usage: Usage
-    first_token: bool = False
 
 
 class EngineFailure(Exception):

@@ -4,7 +4,8 @@ authentication on, then `serve deploy cluster/serve-multinode.yaml` through the 
 per-model autoscaling 1 -> 2 -> 1, scale from zero (503 with Retry-After, then served), and the loss and return of
 the worker node (502 `upstream_error` meanwhile, never a hang).
 
-Runs before tests/e2e (alphabetical), so that its Ray cluster never shares the machine with the e2e stack."""
+The last tier: the e2e stack is stopped before it starts (tests/conftest.py), so two Ray instances never share the
+machine."""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ import httpx
 import pytest
 import yaml
 
-from serve_app import profiles, store
-from tests.conftest import BIN, ROOT, free_port
+from serve_app.config import artefacts, catalog as catalogs
+from serve_app.money import keyspace
+from tests.support import BIN, ROOT, free_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.cluster
 MODEL, COLD = "qbt-dev-llm", "qbt-dev-llm-cold"
 ACCEL = "qbt_dev_accel"
 GATEWAY = "qubittron.io/role=gateway"
@@ -106,7 +108,7 @@ class Cluster:
         return res.json()
 
     def replicas(self, deployment: str) -> list[dict]:
-        deployments = self.applications()["applications"].get(profiles.APP_NAME, {}).get("deployments", {})
+        deployments = self.applications()["applications"].get(catalogs.APP_NAME, {}).get("deployments", {})
         return deployments.get(deployment, {}).get("replicas", [])
 
     def running(self, model: str) -> int:
@@ -152,7 +154,7 @@ def cluster(redis_server):
                 env, tmp / "head.log")
     worker = Node(["--address", f"127.0.0.1:{gcs}", "--num-cpus", "2", "--resources", json.dumps({ACCEL: 3}),
                    "--dashboard-agent-listen-port", str(free_port())], env, tmp / "worker.log")
-    config = yaml.safe_load(profiles.serve_config_path("multinode").read_text())
+    config = yaml.safe_load(artefacts.serve_config_path("multinode").read_text())
     config["http_options"]["port"] = http_port
     (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
     c = Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dashboard}", token, head, worker)
@@ -255,5 +257,5 @@ def test_losing_the_worker_is_upstream_error_then_service_recovers(cluster, cust
     cluster.worker.start()
     codes = wait_served(cluster.base_url, customer.key, MODEL, 300)
     assert set(codes[:-1]) <= {502}
-    account = r.hgetall(store.account_record(customer.account))
+    account = r.hgetall(keyspace.account_record(customer.account))
     assert int(account["reserved"]) == 0

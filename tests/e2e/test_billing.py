@@ -5,39 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
 
 import httpx
 import pytest
 
-from serve_app import store
-from tests.conftest import BIN, MODEL
+from serve_app.money import keyspace, units
+from tests.support import BIN, MODEL, lua_cost, wait_for_rows
 
 pytestmark = pytest.mark.e2e
 PROMPT = "The capital of Canada is"  # 6 tokens
-# Local profile prices: $0.50 in, $1.50 out per million tokens -> 6 x 0.5 + 16 x 1.5 = 27 micro-dollars.
-COST_16 = store.cost_micros(6, 16, 500_000, 1_500_000)
-
-
-def ledger(r, account: str) -> list[dict]:
-    from serve_app.ledger import ledger_rows
-
-    return list(ledger_rows(r, account))
-
-
-def wait_for_rows(r, account: str, count: int, timeout: float = 30) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = ledger(r, account)
-        if len(rows) >= count:
-            return rows
-        time.sleep(0.2)
-    raise AssertionError(f"expected {count} ledger rows for {account}, got {len(ledger(r, account))}")
+IN, OUT = 500_000, 1_500_000  # local profile prices, micro-dollars per million tokens
 
 
 def test_200_concurrent_requests_never_overdraw(stack, make_customer, r):
-    assert COST_16 == 27
-    cust = make_customer(credits=store.micros_to_usd(20 * COST_16))
+    cost = lua_cost(r, 6, 16, IN, OUT)  # the scripts' own rule: 6 x 0.5 + 16 x 1.5 = 27 micro-dollars
+    cust = make_customer(credits=units.micros_to_usd(20 * cost))
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "ignore_eos": True}
 
     async def fire():
@@ -51,9 +33,9 @@ def test_200_concurrent_requests_never_overdraw(stack, make_customer, r):
     assert set(statuses) <= {200, 402}, [res.text for res in responses if res.status_code not in (200, 402)][:3]
     served = statuses.count(200)
     rows = wait_for_rows(r, cust.account, served)
-    acct = r.hgetall(store.account_record(cust.account))
+    acct = r.hgetall(keyspace.account_record(cust.account))
     assert int(acct["balance"]) >= 0 and int(acct["reserved"]) == 0
-    assert 20 * COST_16 - int(acct["balance"]) == sum(row["cost_micros"] for row in rows)
+    assert 20 * cost - int(acct["balance"]) == sum(row["cost_micros"] for row in rows)
     assert len(rows) == served == 20
     assert all(res.json()["error"]["code"] == "insufficient_funds" for res in responses if res.status_code == 402)
 
@@ -64,9 +46,8 @@ def test_settlement_charges_actual_usage(client, customer, r):
     assert row["status"] == "ok"
     assert row["prompt_tokens"] == res.usage.prompt_tokens
     assert row["completion_tokens"] == res.usage.completion_tokens
-    assert row["cost_micros"] == store.cost_micros(res.usage.prompt_tokens, res.usage.completion_tokens,
-                                                   500_000, 1_500_000)
-    acct = r.hgetall(store.account_record(customer.account))
+    assert row["cost_micros"] == lua_cost(r, res.usage.prompt_tokens, res.usage.completion_tokens, IN, OUT)
+    acct = r.hgetall(keyspace.account_record(customer.account))
     assert int(acct["balance"]) == 10_000_000 - row["cost_micros"] and int(acct["reserved"]) == 0
 
 
@@ -81,8 +62,8 @@ def test_disconnect_mid_stream_bills_only_produced_tokens(stack, customer, r):
     (row,) = wait_for_rows(r, customer.account, 1)
     assert row["status"] == "disconnected"
     assert 1 <= row["completion_tokens"] < 500
-    assert row["cost_micros"] == store.cost_micros(6, row["completion_tokens"], 500_000, 1_500_000)
-    assert int(r.hget(store.account_record(customer.account), "reserved")) == 0
+    assert row["cost_micros"] == lua_cost(r, 6, row["completion_tokens"], IN, OUT)
+    assert int(r.hget(keyspace.account_record(customer.account), "reserved")) == 0
 
 
 def test_cli_accounts_keys_and_usage(stack, redis_server, customer, client):
@@ -100,7 +81,7 @@ def test_cli_accounts_keys_and_usage(stack, redis_server, customer, client):
     listed = [json.loads(line) for line in qbt("keys", "list", "--account", name).splitlines()]
     assert listed[0]["rpm"] == 100 and not listed[0]["revoked"]
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
-    wait_for_rows(store.sync_client(redis_server.url), customer.account, 1)
+    wait_for_rows(keyspace.sync_client(redis_server.url), customer.account, 1)
     rows = [json.loads(line) for line in qbt("usage", "--account", customer.account, "--json").splitlines()]
     assert {"request_id", "model", "prompt_tokens", "completion_tokens", "cost_usd", "status"} <= set(rows[0])
     shown = json.loads(qbt("accounts", "show", customer.account, "--json"))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import MODEL
+from tests.support import MODEL
 
 pytestmark = pytest.mark.e2e
 CANADA = "The capital of Canada is"

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL
+from tests.support import MODEL
 
 pytestmark = pytest.mark.e2e
 OK = {"model": MODEL, "prompt": "The capital of Canada is", "max_tokens": 2}
@@ -101,11 +101,11 @@ def test_unknown_key_through_client(stack):
 
 
 def test_revoked_key_is_401(stack, customer, redis_server):
-    from serve_app import accounts, store
+    from serve_app.money import accounts, keyspace
 
     c = openai.OpenAI(base_url=stack.base_url + "/v1", api_key=customer.key, max_retries=0)
     c.completions.create(model=MODEL, prompt="hi", max_tokens=1)
-    accounts.revoke_key(store.sync_client(redis_server.url), customer.key)
+    accounts.revoke_key(keyspace.sync_client(redis_server.url), customer.key)
     with pytest.raises(openai.AuthenticationError) as info:
         c.completions.create(model=MODEL, prompt="hi", max_tokens=1)
     assert info.value.code == "invalid_api_key"

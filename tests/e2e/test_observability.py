@@ -7,8 +7,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import MODEL
-from tests.e2e.test_billing import wait_for_rows
+from tests.support import MODEL
+from tests.support import wait_for_rows
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,31 @@
+"""The artefacts built from the catalog: a Serve config per profile and, for `prod`, the KubeRay RayService. One
+source of truth; the checked-in artefacts are tested for drift (`qbt config build --check`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from serve_app.config import kuberay
+from serve_app.config.catalog import Catalog, load
+from serve_app.config.paths import CLUSTER
+
+
+def render_yaml(data: dict, header: str) -> str:
+    return header + yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+def serve_config_path(name: str) -> Path:
+    return CLUSTER / f"serve-{name}.yaml"
+
+
+def build(name: str, catalog: Catalog | None = None) -> dict[Path, str]:
+    """Every artefact of a profile, path -> text."""
+    catalog = catalog or load()
+    header = (f"# Generated from cluster/catalog.yaml by `qbt config build --profile {name}`; do not edit.\n"
+              f"# {catalog.profiles[name].description}\n")
+    out = {serve_config_path(name): render_yaml(catalog.serve_config(name), header)}
+    if name == "prod":
+        out[kuberay.MANIFEST] = kuberay.render(catalog, catalog.serve_config(name))
+    return out

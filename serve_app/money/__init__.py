@@ -1,0 +1,1 @@
+"""Money: API keys, accounts, admission and rate limits, settlement and the ledger (integer micro-dollars)."""

@@ -1,0 +1,170 @@
+"""Admission in ONE Redis round trip: authenticate the key, check its rate limits, reserve the worst-case cost.
+
+The script is idempotent per completion id (a replay returns the stored reply), so the client may retry it after a
+dropped connection without reserving twice. Time is Redis's own clock, so limits do not depend on the clocks of the
+ingress hosts or on the order in which concurrent scripts run. The script also reconciles a few expired reservations
+on each call (left by an ingress that died mid-request), so that no reservation stays stuck without a separate
+sweeper process. Everything happens in one Lua script, so any number of ingress replicas stay exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from serve_app.api.errors import ApiError, Code
+from serve_app.money import keyspace, lua, units
+from serve_app.money.limits import LimitState, rate_limit_error
+from serve_app.money.status import Status
+
+log = logging.getLogger("qbt.admission")
+
+RECONCILE_BATCH = 8
+
+ADMIT_LUA = lua.script(lua.CLOCK, lua.COST, lua.ACTIVE_KEY, lua.RESERVATION, lua.LEDGER_ROW, """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, $batch)
+for _, rid in ipairs(expired) do
+  local rk = '$reservation_prefix' .. rid
+  local r = read_reservation(rk)
+  if r then
+    redis.call('HINCRBY', '$account_prefix' .. r.account, 'reserved', 0 - tonumber(r.reserved))
+    ledger_row(KEYS[2], rid, r, 0, 0, 0, '$expired', now)
+    redis.call('DEL', rk)
+  end
+  redis.call('ZREM', KEYS[3], rid)
+end
+
+local rk = '$reservation_prefix' .. ARGV[1]
+local replayed = redis.call('HGET', rk, 'reply')
+if replayed then return cjson.decode(replayed) end
+
+local k = active_key(KEYS[1])
+if not k then return {'invalid_api_key'} end
+local acct = '$account_prefix' .. k.account
+local prompt, completion = tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens = prompt + completion
+
+local function gcra(limit, tat, cost)
+  if limit <= 0 then return 1, 0, 0, 0 end
+  local interval = 60000 / limit
+  local base = math.max(tonumber(tat) or 0, now)
+  local new_tat = base + cost * interval
+  local over = new_tat - now - 60000
+  if over > 0.001 then
+    return 0, 0, math.ceil(over), base
+  end
+  return 1, math.floor((60000 - (new_tat - now)) / interval), math.ceil(new_tat - now), new_tat
+end
+
+local rpm = tonumber(k.rpm) or tonumber(ARGV[7])
+local tpm = tonumber(k.tpm) or tonumber(ARGV[8])
+local r_ok, r_rem, r_reset, r_tat = gcra(rpm, k.rpm_tat, 1)
+local t_ok, t_rem, t_reset, t_tat = gcra(tpm, k.tpm_tat, tokens)
+if r_ok == 0 then return {'rate_limit_exceeded', 'requests', rpm, r_rem, r_reset, tpm, t_rem, t_reset} end
+if t_ok == 0 then
+  if tpm > 0 and tokens > tpm then return {'rate_limit_exceeded', 'tokens_over', tpm, tokens, 0, rpm, r_rem, 0} end
+  return {'rate_limit_exceeded', 'tokens', rpm, r_rem, r_reset, tpm, t_rem, t_reset}
+end
+
+local pin, pout = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cost = cost_micros(prompt, completion, pin, pout)
+local a = redis.call('HMGET', acct, 'balance', 'reserved')
+if not a[1] then return {'invalid_api_key'} end
+local available = tonumber(a[1]) - (tonumber(a[2]) or 0)
+if cost > available then return {'insufficient_funds', cost, available} end
+
+local reply = {'ok', k.account, k.key_id, cost, rpm, r_rem, r_reset, tpm, t_rem, t_reset, k.guard or ''}
+local rsv = reservation_args({account = k.account, key_id = k.key_id, reserved = cost, tokens = tokens,
+  model = ARGV[9], created = now, keyrec = KEYS[1], pin = pin, pout = pout, tpm = tpm, request_id = ARGV[10]})
+if rpm > 0 then redis.call('HSET', KEYS[1], 'rpm_tat', tostring(r_tat)) end
+if tpm > 0 then redis.call('HSET', KEYS[1], 'tpm_tat', tostring(t_tat)) end
+redis.call('HINCRBY', acct, 'reserved', cost)
+redis.call('HSET', rk, 'reply', cjson.encode(reply), unpack(rsv))
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[1])
+return reply
+""", batch=RECONCILE_BATCH, expired=Status.EXPIRED.value)
+
+AUTHENTICATE_LUA = lua.script(lua.ACTIVE_KEY, """
+local k = active_key(KEYS[1])
+if not k then return false end
+return k.account
+""")
+
+INVALID_KEY = "Invalid API key: the key is unknown or has been revoked."
+
+
+class PriceRates(Protocol):
+    """A model's prices in micro-dollars per million tokens (`config.service.Prices` is one)."""
+
+    @property
+    def input_micros(self) -> int: ...
+
+    @property
+    def output_micros(self) -> int: ...
+
+
+@dataclass(slots=True)
+class Admission:
+    completion_id: str
+    request_id: str
+    account: str
+    key_id: str
+    reserved_micros: int
+    limits: LimitState
+    guard: str | None = None
+
+
+def unreachable(detail: str = "; requests are refused rather than served unmetered") -> ApiError:
+    return ApiError(Code.SERVICE_UNAVAILABLE, f"The accounting store is unreachable{detail}. Retry shortly.",
+                    headers={"Retry-After": "5"})
+
+
+class Admitter:
+    def __init__(self, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float):
+        self.redis = redis
+        self.default_rpm = default_rpm
+        self.default_tpm = default_tpm
+        self.ttl_ms = int(reservation_ttl_s * 1000)
+        self._script = redis.register_script(ADMIT_LUA)
+        self._authenticate = redis.register_script(AUTHENTICATE_LUA)
+
+    async def admit(self, key_hash: str, completion_id: str, request_id: str, model: str, prices: PriceRates,
+                    prompt_tokens: int, max_completion_tokens: int) -> Admission:
+        """`completion_id` is unique and keys the reservation; `request_id` (x-request-id) goes to the ledger."""
+        args = [completion_id, prompt_tokens, max_completion_tokens, prices.input_micros, prices.output_micros,
+                self.ttl_ms, self.default_rpm, self.default_tpm, model, request_id]
+        try:
+            res = await self._script(keys=[keyspace.key_record(key_hash), keyspace.LEDGER,
+                                           keyspace.RESERVATION_EXPIRY], args=args)
+        except Exception as exc:
+            log.error("admission failed, refusing the request: %r", exc)
+            raise unreachable() from None
+        verdict = res[0]
+        if verdict == "ok":
+            _, account, key_id, cost, *limits, guard = res
+            return Admission(completion_id, request_id, account, key_id, int(cost), LimitState.from_script(limits),
+                             guard or None)
+        if verdict == "invalid_api_key":
+            raise ApiError(Code.INVALID_API_KEY, INVALID_KEY)
+        if verdict == "insufficient_funds":
+            needed, available = (units.micros_to_usd(v) for v in res[1:3])
+            raise ApiError(Code.INSUFFICIENT_FUNDS,
+                           f"Insufficient funds: this request may cost up to ${needed} (prompt plus max_tokens "
+                           f"at the model's prices) and the account has ${available} available.")
+        raise rate_limit_error(res[1:])
+
+    async def authenticate(self, key_hash: str) -> str:
+        """Key -> account, for endpoints that are authenticated but not metered (`GET /v1/models`)."""
+        try:
+            account = await self._authenticate(keys=[keyspace.key_record(key_hash)])
+        except Exception:
+            raise unreachable("") from None
+        if not account:
+            raise ApiError(Code.INVALID_API_KEY, INVALID_KEY)
+        return account
+
+
+def key_is_active(redis, key_hash: str) -> bool:
+    """The same rule as admission's, for synchronous callers (the launcher's dev key)."""
+    return bool(redis.register_script(AUTHENTICATE_LUA)(keys=[keyspace.key_record(key_hash)]))

@@ -1,0 +1,40 @@
+"""The request path's two money seams: reserve the worst case before any work, settle what was produced after it.
+The rules of both live here or in the scripts, never in the request path."""
+
+from __future__ import annotations
+
+from deployments.wire import Usage
+from serve_app.api.protocol import CompletionRequest
+from serve_app.money import keys
+from serve_app.money.admission import Admission, Admitter, PriceRates
+from serve_app.money.settlement import Settlement, Settler
+from serve_app.money.status import Status
+
+
+def completion_budget(req: CompletionRequest, prompts: int) -> int:
+    """The worst case the reservation covers: every candidate of every prompt runs to max_tokens."""
+    return req.max_tokens_or_default * req.candidates_per_prompt * prompts
+
+
+class Billing:
+    def __init__(self, admitter: Admitter, settler: Settler):
+        self.admitter = admitter
+        self.settler = settler
+
+    @classmethod
+    def on(cls, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float) -> Billing:
+        return cls(Admitter(redis, default_rpm, default_tpm, reservation_ttl_s), Settler(redis))
+
+    async def authenticate(self, key: str) -> str:
+        return await self.admitter.authenticate(keys.key_hash(key))
+
+    async def admit(self, key: str, completion_id: str, request_id: str, model: str, prices: PriceRates,
+                    req: CompletionRequest, prompt_ids: list[list[int]]) -> Admission:
+        """Authenticates, applies the key's rate limits and reserves the worst-case cost, in one Redis trip."""
+        return await self.admitter.admit(keys.key_hash(key), completion_id, request_id, model, prices,
+                                         sum(len(p) for p in prompt_ids), completion_budget(req, len(prompt_ids)))
+
+    async def settle(self, admission: Admission, usage: Usage, status: Status) -> int | None:
+        """Charges `usage` when the status pays (Status.charged), releases the rest; the micro-dollars charged."""
+        return await self.settler.settle(Settlement(admission.completion_id, usage.prompt_tokens,
+                                                    usage.completion_tokens, status))

@@ -1,0 +1,56 @@
+"""The Redis keyspace and connection: every key name the service uses is built here, nowhere else (the Lua
+scripts get their prefixes from here too, through `money/lua.py`)."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"
+PREFIX = "qbt"
+LEDGER = f"{PREFIX}:ledger"
+RESERVATION_EXPIRY = f"{PREFIX}:rsv:expiry"
+KEY_RECORD_PREFIX = f"{PREFIX}:key:"
+ACCOUNT_PREFIX = f"{PREFIX}:acct:"
+RESERVATION_PREFIX = f"{PREFIX}:rsv:"
+
+
+def redis_url(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def key_record(key_hash: str) -> str:
+    return KEY_RECORD_PREFIX + key_hash
+
+
+def account_record(name: str) -> str:
+    return ACCOUNT_PREFIX + name
+
+
+def account_keys(name: str) -> str:
+    return ACCOUNT_PREFIX + name + ":keys"
+
+
+def reservation(completion_id: str) -> str:
+    return RESERVATION_PREFIX + completion_id
+
+
+def async_client(url: str | None = None, max_connections: int = 64):
+    """A bounded pool that makes callers wait for a connection rather than fail when all are busy, and retries a
+    command on a dropped connection (after a Redis restart), which the idempotent scripts allow."""
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    pool = redis.BlockingConnectionPool.from_url(
+        redis_url(url), max_connections=max_connections, timeout=5, decode_responses=True,
+        socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        retry_on_error=[ConnectionError, TimeoutError])
+    return redis.Redis(connection_pool=pool)
+
+
+def sync_client(url: str | None = None):
+    import redis
+
+    return redis.from_url(redis_url(url), decode_responses=True, socket_connect_timeout=2, socket_timeout=5)

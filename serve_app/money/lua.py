@@ -1,0 +1,83 @@
+"""The money rules, written once, in the Lua that runs them: the clock, the cost formula, the key check, the
+reservation's fields and the ledger row. Both scripts (admission, settlement) are assembled from these fragments
+when they load; the Redis tier tests run the fragments themselves, never a Python copy."""
+
+from __future__ import annotations
+
+from string import Template
+
+from serve_app.money import keyspace
+
+# Redis's own clock in milliseconds: limits and deadlines never depend on the ingress hosts' clocks.
+CLOCK = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# What a request costs: prices are micro-dollars per million tokens; rounded up to the micro-dollar.
+COST = """
+local function cost_micros(prompt, completion, pin, pout)
+  return math.floor((prompt * pin + completion * pout + 999999) / 1000000)
+end
+"""
+
+# A key is valid while its record exists and it is not revoked. Returns the fields in KEY_FIELDS order, or nil.
+KEY_FIELDS = ("account", "key_id", "revoked", "rpm", "tpm", "rpm_tat", "tpm_tat", "guard")
+ACTIVE_KEY = """
+local function active_key(record)
+  local k = redis.call('HMGET', record, $key_fields)
+  if not k[1] or k[3] == '1' then return nil end
+  return {account = k[1], key_id = k[2], rpm = k[4], tpm = k[5], rpm_tat = k[6], tpm_tat = k[7], guard = k[8]}
+end
+"""
+
+# The reservation admission writes (`reservation_args`: all fields or a script error before any write) and
+# settlement and reconciliation read (`read_reservation`), by field name.
+RESERVATION_FIELDS = ("account", "key_id", "reserved", "tokens", "model", "created", "keyrec", "pin", "pout", "tpm",
+                      "request_id")
+RESERVATION = """
+local function reservation_args(r)
+  local args = {}
+  for _, name in ipairs({$reservation_fields}) do
+    if r[name] == nil then error('reservation field missing: ' .. name) end
+    table.insert(args, name)
+    table.insert(args, r[name])
+  end
+  return args
+end
+
+local function read_reservation(rk)
+  local names = {$reservation_fields}
+  local values = redis.call('HMGET', rk, unpack(names))
+  if not values[1] then return nil end
+  local r = {}
+  for i, name in ipairs(names) do r[name] = values[i] end
+  return r
+end
+"""
+
+# One ledger row per admitted request, whatever its ending.
+LEDGER_FIELDS = ("request_id", "completion_id", "account", "key_id", "model", "prompt_tokens", "completion_tokens",
+                 "cost_micros", "status", "created_ms", "settled_ms")
+LEDGER_ROW = """
+local function ledger_row(ledger, completion_id, r, prompt, completion, cost, status, now)
+  redis.call('XADD', ledger, '*', 'request_id', r.request_id, 'completion_id', completion_id, 'account', r.account,
+    'key_id', r.key_id, 'model', r.model, 'prompt_tokens', prompt, 'completion_tokens', completion,
+    'cost_micros', cost, 'status', status, 'created_ms', r.created, 'settled_ms', now)
+end
+"""
+
+
+
+def _quoted(names: tuple[str, ...]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+SUBSTITUTIONS = {"key_fields": _quoted(KEY_FIELDS), "reservation_fields": _quoted(RESERVATION_FIELDS),
+                 "account_prefix": keyspace.ACCOUNT_PREFIX, "reservation_prefix": keyspace.RESERVATION_PREFIX}
+
+
+def script(*parts: str, **values) -> str:
+    """A script from fragments and its own body; `$name` placeholders take the keyspace's prefixes, the field
+    lists and the given values."""
+    return Template("\n".join(parts)).substitute(SUBSTITUTIONS, **values)

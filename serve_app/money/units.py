@@ -1,0 +1,24 @@
+"""Money is integer micro-dollars (1 USD = 1_000_000); prices are micro-dollars per million tokens. The cost
+formula itself is Lua (`money/lua.py`), run where the money moves."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+
+MICROS = 1_000_000
+
+
+def usd_to_micros(value: str | Decimal) -> int:
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"not an amount in USD: {value!r}") from None
+    micros = amount * MICROS
+    if micros != micros.to_integral_value():
+        raise ValueError(f"{value} USD has more than 6 decimal places")
+    return int(micros)
+
+
+def micros_to_usd(micros: int | str) -> str:
+    """Exact decimal string, for example 12.500000."""
+    return str((Decimal(int(micros)) / MICROS).quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP))

@@ -1,0 +1,192 @@
+"""`qbt`: run the service, build dev models, manage accounts, keys and usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from serve_app.config.paths import ROOT
+from serve_app.money import keyspace
+from serve_app.safety.policy import GuardMode
+
+
+def _redis(args):
+    return keyspace.sync_client(args.redis_url)
+
+
+def _print(data, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data))
+    else:
+        for k, v in data.items():
+            print(f"{k}: {v}")
+
+
+def cmd_serve(args) -> int:
+    from serve_app.ops.launcher import serve_forever
+
+    return serve_forever(Path(args.config), args.port, args.redis_url, Path(args.run_dir), args.num_cpus,
+                         args.startup_timeout)
+
+
+def cmd_config(args) -> int:
+    from serve_app.config import artefacts, catalog as catalogs
+
+    catalog = catalogs.load()
+    for name in args.profile:
+        for path, text in artefacts.build(name, catalog).items():
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    print(f"{path.relative_to(ROOT)} is out of date: run `qbt config build --profile {name}`",
+                          file=sys.stderr)
+                    return 1
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+def cmd_sizing(args) -> int:
+    from serve_app.config import catalog as catalogs, sizing
+
+    catalog = catalogs.load()
+    print(sizing.table(catalog.models, catalog.memory_gib()))
+    return 0
+
+
+def cmd_dev_models(args) -> int:
+    from serve_app.ops.dev_models import ensure_built
+
+    for model_id, path in ensure_built(log=lambda m: print(m, file=sys.stderr, flush=True)).items():
+        print(f"{model_id} {path}")
+    return 0
+
+
+def cmd_accounts(args) -> int:
+    from serve_app.money import accounts
+
+    r = _redis(args)
+    if args.action == "create":
+        _print(accounts.create_account(r, args.name, args.credits), args.json)
+    elif args.action == "topup":
+        _print(accounts.topup(r, args.name, args.usd), args.json)
+    else:
+        _print(accounts.show_account(r, args.name), args.json)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from serve_app.money import accounts
+
+    r = _redis(args)
+    if args.action == "create":
+        if not r.exists(keyspace.account_record(args.account)):
+            accounts.create_account(r, args.account, "0")
+            print(f"created account {args.account} with no credit (top it up: qbt accounts topup "
+                  f"{args.account} USD)")
+        key, kid = accounts.create_key(r, args.account, rpm=args.rpm, tpm=args.tpm, guard=args.guard)
+        print(f"key id {kid} for account {args.account}; the key is shown once:")
+        print(key)
+    elif args.action == "revoke":
+        print(f"revoked {accounts.revoke_key(r, args.key)}")
+    else:
+        for k in accounts.list_keys(r, args.account):
+            print(json.dumps(k))
+    return 0
+
+
+def cmd_usage(args) -> int:
+    from serve_app.money.ledger import ledger_rows
+
+    since = datetime.fromisoformat(args.since) if args.since else None
+    for row in ledger_rows(_redis(args), args.account, since):
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(f"{row['settled_at']} {row['request_id']} {row['model']} {row['prompt_tokens']}+"
+                  f"{row['completion_tokens']} tokens ${row['cost_usd']} {row['status']}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qbt", description=__doc__)
+    p.add_argument("--redis-url", default=None, help="default: $REDIS_URL or " + keyspace.DEFAULT_REDIS_URL)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the whole stack locally until Ctrl-C")
+    s.add_argument("--config", default=str(ROOT / "cluster" / "serve-local.yaml"))
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--run-dir", default=str(ROOT / ".run"))
+    s.add_argument("--num-cpus", type=int, default=8, help="logical CPUs declared to Ray")
+    s.add_argument("--startup-timeout", type=float, default=600)
+    s.set_defaults(func=cmd_serve)
+
+    cfg = sub.add_parser("config").add_subparsers(dest="action", required=True)
+    cb = cfg.add_parser("build", help="render cluster/serve-<profile>.yaml (and the RayService for prod)")
+    cb.add_argument("--profile", action="append", choices=["local", "multinode", "prod"], required=True)
+    cb.add_argument("--check", action="store_true", help="fail if a checked-in artefact differs")
+    cb.set_defaults(func=cmd_config)
+    cfg.add_parser("sizing", help="the sizing table of the catalog").set_defaults(func=cmd_sizing)
+
+    sub.add_parser("dev-models", help="build missing dev models; prints '<model-id> <dir>'").set_defaults(
+        func=cmd_dev_models)
+
+    a = sub.add_parser("accounts").add_subparsers(dest="action", required=True)
+    c = a.add_parser("create")
+    c.add_argument("name")
+    c.add_argument("--credits", default="0", help="USD")
+    t = a.add_parser("topup")
+    t.add_argument("name")
+    t.add_argument("usd")
+    sh = a.add_parser("show")
+    sh.add_argument("name")
+    for x in (c, t, sh):
+        x.add_argument("--json", action="store_true")
+        x.set_defaults(func=cmd_accounts)
+
+    k = sub.add_parser("keys").add_subparsers(dest="action", required=True)
+    kc = k.add_parser("create")
+    kc.add_argument("--account", default="default")
+    kc.add_argument("--rpm", type=int, default=None)
+    kc.add_argument("--tpm", type=int, default=None)
+    kc.add_argument("--guard", default=None, help=f"{'|'.join(m.value for m in GuardMode)}, optionally "
+                    "',loose' (Controversial passes) and ',open' (traffic passes when the guard is down); default: "
+                    "the config's")
+    kr = k.add_parser("revoke")
+    kr.add_argument("key")
+    kl = k.add_parser("list")
+    kl.add_argument("--account", required=True)
+    for x in (kc, kr, kl):
+        x.set_defaults(func=cmd_keys)
+
+    u = sub.add_parser("usage")
+    u.add_argument("--account", required=True)
+    u.add_argument("--since", default=None, help="ISO 8601")
+    u.add_argument("--json", action="store_true")
+    u.set_defaults(func=cmd_usage)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except Exception as exc:
+        from serve_app.money.accounts import AccountError
+
+        if isinstance(exc, (AccountError, ValueError)):
+            print(f"qbt: {exc}", file=sys.stderr)
+            return 2
+        if type(exc).__module__.startswith("redis"):
+            print(f"qbt: Redis at {keyspace.redis_url(args.redis_url)} is unreachable ({exc}); start it with "
+                  "`make serve` or set REDIS_URL", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

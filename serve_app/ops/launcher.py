@@ -1,0 +1,251 @@
+"""`qbt serve`: the whole local stack in one process tree, and nothing left behind when it stops.
+
+Builds missing dev models, starts Redis if `REDIS_URL` does not answer (append-only file on), starts Ray, deploys
+the Serve config and waits for `/health`. The launcher makes itself a child subreaper, so that processes orphaned
+under it (vLLM engine cores of killed replicas) are re-parented to it and stopped by process id on exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import psutil
+
+from serve_app.config.paths import models_dir
+from serve_app.config.service import ServiceConfig, load_yaml
+from serve_app.money import accounts, keys, keyspace
+from serve_app.money.admission import key_is_active
+
+PR_SET_CHILD_SUBREAPER = 36
+DEV_ACCOUNT, DEV_CREDITS = "dev", "100"
+
+
+def say(msg: str) -> None:
+    print(f"[qbt] {msg}", flush=True)
+
+
+def become_subreaper() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except OSError:
+        say("warning: could not become a child subreaper; orphaned engine processes may outlive this run")
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(keyspace.sync_client(url).ping())
+    except Exception:
+        return False
+
+
+def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed and REDIS_URL does not answer: install it "
+                         "(apt-get install -y redis-server) or point REDIS_URL at a running Redis.")
+    port = urlparse(url).port or 6379
+    data_dir.mkdir(parents=True, exist_ok=True)
+    say(f"starting redis-server on 127.0.0.1:{port} (data in {data_dir}, append-only file on)")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--appendonly", "yes",
+         "--appendfsync", "everysec", "--save", "", "--daemonize", "no", "--logfile", str(data_dir / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(100):
+        if redis_answers(url):
+            return proc
+        if proc.poll() is not None:
+            raise SystemExit(f"redis-server exited with {proc.returncode}; see {data_dir / 'redis.log'}")
+        time.sleep(0.1)
+    raise SystemExit(f"redis-server did not answer on {url}; see {data_dir / 'redis.log'}")
+
+
+def dev_key(url: str, run_dir: Path) -> str:
+    """The local profile's dev account and key; the key is kept in `.run/dev-key` so restarts reuse it."""
+    r = keyspace.sync_client(url)
+    accounts.ensure_account(r, DEV_ACCOUNT, DEV_CREDITS)
+    path = run_dir / "dev-key"
+    if path.exists():
+        key = path.read_text().strip()
+        if key_is_active(r, keys.key_hash(key)):
+            return key
+    key, _ = accounts.create_key(r, DEV_ACCOUNT)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def deploy_failure() -> str | None:
+    """Serve's own verdict, so that a deployment that cannot start fails the launch instead of timing out."""
+    from ray import serve
+
+    for name, app in serve.status().applications.items():
+        if app.status == "DEPLOY_FAILED":
+            return f"application {name}: {app.message[-1500:]}"
+    return None
+
+
+def wait_healthy(port: int, timeout_s: float, proc_check) -> None:
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < timeout_s:
+        proc_check()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as exc:
+            body = getattr(exc, "read", lambda: b"")()
+            last = body.decode(errors="replace") or type(exc).__name__
+        say(f"starting up ({time.monotonic() - started:.0f}s): {last[:160] or 'waiting for the proxy'}")
+        time.sleep(5)
+    raise SystemExit(f"the service was not healthy after {timeout_s:.0f}s (last: {last[:300]}); "
+                     "see the Ray logs under /tmp/ray/session_latest/logs")
+
+
+def _fail_if_deploy_failed() -> None:
+    failure = deploy_failure()
+    if failure:
+        raise SystemExit(f"the deployment failed; fix the cause and run again:\n{failure}")
+
+
+def stop_descendants(grace_s: float = 10) -> None:
+    me = psutil.Process()
+    procs = me.children(recursive=True)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def serve_forever(config_path: Path, port: int | None, redis_url: str | None, run_dir: Path,
+                  num_cpus: int, startup_timeout_s: float) -> int:
+    # Ray Serve's throughput-optimized mode: the ingress replica serves HTTP itself (no proxy hop) and handles
+    # talk gRPC (README, Performance). Set before Ray is imported anywhere in this process.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    become_subreaper()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stopping = {"flag": False}
+
+    def on_signal(signum, frame):
+        stopping["flag"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    redis_proc = None
+    try:
+        from serve_app.ops.dev_models import ensure_built
+
+        for model_id, path in ensure_built(log=say).items():
+            say(f"dev model {model_id} at {path}")
+        serve_config = load_yaml(config_path)
+        url = keyspace.redis_url(redis_url)
+        if not redis_answers(url):
+            redis_proc = start_redis(url, run_dir / "redis")
+        key = dev_key(url, run_dir)
+        http = serve_config.get("http_options", {})
+        port = port or int(http.get("port", 8000))
+        deploy(serve_config, url, http.get("host", "127.0.0.1"), port, num_cpus)
+        wait_healthy(port, startup_timeout_s, _fail_if_deploy_failed)
+        say(f"ready on http://127.0.0.1:{port}  dev key: {key}")
+        say(f"try: curl http://127.0.0.1:{port}/v1/completions -H 'Authorization: Bearer {key}' "
+            "-H 'Content-Type: application/json' "
+            "-d '{\"model\": \"qbt-dev-llm\", \"prompt\": \"The capital of Canada is\", \"max_tokens\": 16, "
+            "\"temperature\": 0}'")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("stopping")
+        return 0
+    finally:
+        shutdown(redis_proc)
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def direct_ingress(host: str, port: int, ingress_replicas: int) -> int:
+    """The port for Serve's proxy. In throughput-optimized mode Serve starts an HTTP server in the ingress replica
+    itself (direct ingress); clients are given that one, with no proxy hop (README, Performance), and the proxy
+    moves to a free port. Otherwise the proxy keeps the service port."""
+    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1" or \
+            os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1") != "1":
+        return port
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + ingress_replicas)
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) -> None:
+    import ray
+    from ray import serve
+
+    from serve_app.serving.app import build_app
+
+    if not port_free(host, port):
+        raise SystemExit(f"port {port} on {host} is in use: stop what uses it (another `qbt serve`?) or pass "
+                         "--port")
+    apps = [(app, {**app.get("args", {}), "redis_url": url}) for app in serve_config["applications"]]
+    configs = [ServiceConfig.model_validate(args) for _, args in apps]
+    proxy_port = direct_ingress(host, port, max(c.ingress.num_replicas for c in configs))
+    if proxy_port != port:
+        say(f"clients talk to the ingress replica on {host}:{port} (direct ingress); Serve's proxy is on "
+            f"{host}:{proxy_port}")
+    say(f"starting Ray ({num_cpus} logical CPUs) and deploying {len(serve_config['applications'])} app(s)")
+    env = {"REDIS_URL": url, "QBT_MODELS_DIR": str(models_dir())}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+             _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
+             _temp_dir=os.environ.get("QBT_RAY_TEMP_DIR"))
+    serve.start(http_options={"host": host, "port": proxy_port}, proxy_location="HeadOnly")
+    for app, args in apps:
+        # Not waiting here: wait_healthy() polls /health and reports progress meanwhile.
+        serve._run(build_app(args), name=app["name"], route_prefix=app.get("route_prefix", "/"), _blocking=False)
+
+def shutdown(redis_proc: subprocess.Popen | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception as exc:
+            say(f"serve shutdown: {exc}")
+        ray.shutdown()
+    if redis_proc is not None and redis_proc.poll() is None:
+        redis_proc.terminate()
+        try:
+            redis_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            redis_proc.kill()
+    stop_descendants()
+    say("stopped; no process left running")
+    sys.stdout.flush()

@@ -1,0 +1,240 @@
+"""The completions request path, read top to bottom in `CompletionPath.__call__`: authenticate and validate, route,
+tokenize, admit (one Redis trip); the input guard runs beside generation; tokens stream (through the output gate);
+the request settles (one Redis trip). A plain object built from its collaborators, so it runs without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from deployments.wire import GenerationRequest, InvalidSampling, StreamItem, Usage
+from serve_app.api.encoding import DONE, CompletionFrame, dumps, event
+from serve_app.api.errors import ApiError, invalid, upstream
+from serve_app.api.http import JSON, error_response, read_json
+from serve_app.api.protocol import CompletionRequest, parse_completion_request
+from serve_app.config.service import Category, ModelSpec
+from serve_app.money import keys
+from serve_app.money.admission import Admission
+from serve_app.money.billing import Billing
+from serve_app.money.status import Status
+from serve_app.safety.policy import GuardMode
+from serve_app.safety.stage import Gate, SafetyStage, Screening
+from serve_app.serving.prompts import Prompts, prompt_texts, tokenize
+from serve_app.serving.routing import ModelRoute, ModelRouter
+from serve_app.telemetry.metrics import IngressMetrics, RequestRecord, record_request
+from serve_app.telemetry.tracing import carrier_of, child, context_from, traced, tracer
+
+log = logging.getLogger("qbt.completions")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a request ended, for its ledger row. `status` stays None until an ending is reached; a request left
+    without one (cancelled: the client went away) is settled as DISCONNECTED for what was produced."""
+
+    usage: Usage
+    status: Status | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    """One admitted request on its way through the path."""
+
+    route: ModelRoute
+    gen: GenerationRequest
+    frame: CompletionFrame
+    admission: Admission
+    screening: Screening
+    limit_headers: dict[str, str]
+    record: RequestRecord
+    span: Any
+    gen_span: Any = None
+
+    def start_generation(self) -> None:
+        """The generation span, whose context crosses the Serve handle into the model replica."""
+        self.gen_span = child("qbt.generate", self.span, model=self.route.spec.id)
+        self.gen.trace_context = carrier_of(self.gen_span)
+
+    def headers(self) -> dict[str, str]:
+        return {**self.limit_headers, **self.screening.headers}
+
+
+class CompletionPath:
+    def __init__(self, router: ModelRouter, billing: Billing, safety: SafetyStage, metrics: IngressMetrics, *,
+                 max_body_bytes: int, first_item_timeout_s: float, clock: Callable[[], float] = time.time):
+        self.router = router
+        self.billing = billing
+        self.safety = safety
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.first_item_timeout_s = first_item_timeout_s
+        self.clock = clock
+        self._background: set[asyncio.Task] = set()
+
+    async def __call__(self, request: Request) -> Response:
+        completion_id = "cmpl-" + uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id", completion_id)[:128]
+        record = RequestRecord(request_id, completion_id, "unknown")
+        root = tracer().start_span("qbt.completion", context=context_from(request.headers),
+                                   attributes={"qbt.request_id": request_id, "qbt.completion_id": completion_id})
+        try:
+            key = keys.bearer_key(request.headers.get("authorization"))
+            req = parse_completion_request(await read_json(request, self.max_body_bytes))
+            route = self.router.route(req.model)
+            record.model, record.stream = route.spec.id, bool(req.stream)
+            prompts = tokenize(req, route.spec, route.tokenizer)
+            admission = await traced(child("qbt.admission", root), self.billing.admit(
+                key, completion_id, request_id, route.spec.id, route.spec.prices, req, prompts.ids))
+        except ApiError as exc:
+            record_request(self.metrics, record, Status.REFUSED.value, exc.code.value, 0, 0, None)
+            root.set_attribute("qbt.status", exc.code.value)
+            root.end()
+            return error_response(exc)
+        record.account, record.key_id = admission.account, admission.key_id
+        policy = self.safety.policy(admission.guard, moderated=route.spec.category is not Category.SAFETY)
+        texts = prompt_texts(prompts, route.tokenizer) if policy.mode is not GuardMode.OFF else []
+        call = Call(route, generation_request(completion_id, req, prompts),
+                    CompletionFrame(completion_id, int(self.clock()), route.spec.id, req.include_usage), admission,
+                    self.safety.screen(policy, texts, req.choices_per_prompt, root, completion_id),
+                    admission.limits.headers(), record, root)
+        if req.stream:
+            return await self._stream(call)
+        return await self._complete(call)
+
+    async def _complete(self, call: Call) -> Response:
+        outcome = Outcome(Usage(prompt_tokens=call.gen.prompt_tokens))
+        call.start_generation()
+        response = call.route.complete.remote(call.gen)
+        try:
+            refused = await call.screening.input_verdict()
+            if refused is not None:
+                response.cancel()
+                return await self._refuse(call, outcome, refused)
+            await call.route.assigned(response)
+            choices, outcome.usage = await response
+            call.record.mark_first_token()
+            choices = await call.screening.moderate(choices)
+            outcome.status = Status.OK
+        except Exception as exc:
+            return await self._refuse(call, outcome, classify(exc, call.route.spec))
+        finally:
+            if outcome.status is None:
+                response.cancel()
+                self._disconnected(call, outcome)
+        await self._settle(call, outcome)
+        return Response(dumps(call.frame.obj(choices, outcome.usage.as_dict())), headers=call.headers(),
+                        media_type=JSON)
+
+    async def _refuse(self, call: Call, outcome: Outcome, error: ApiError) -> Response:
+        call.screening.cancel()
+        outcome.status = Status.of(error.code)
+        await self._settle(call, outcome)
+        return error_response(error, call.headers())
+
+    async def _stream(self, call: Call) -> Response:
+        """Waits for the first item and the input verdict, so that a failure or refusal before any byte is a plain
+        HTTP error, and no token leaves before the input guard has passed the prompt."""
+        call.start_generation()
+        stream = call.route.stream.remote(call.gen)
+        outcome = Outcome(Usage(prompt_tokens=call.gen.prompt_tokens))
+        try:
+            await call.route.assigned(stream)
+            first = await asyncio.wait_for(stream.__anext__(), self.first_item_timeout_s)
+            call.gen_span.add_event("first_token")
+            refused = await call.screening.input_verdict()
+            call.record.mark_first_token()
+        except asyncio.CancelledError:
+            stream.cancel()
+            self._disconnected(call, outcome)
+            raise
+        except Exception as exc:
+            refused = classify(exc, call.route.spec)
+        if refused is not None:
+            stream.cancel()
+            return await self._refuse(call, outcome, refused)
+        return StreamingResponse(self._events(call, stream, first, call.screening.gate()), headers=call.headers(),
+                                 media_type="text/event-stream")
+
+    async def _events(self, call: Call, stream, first: StreamItem, gate: Gate | None):
+        """Where tokens leave for the client. Errors after the first byte go in-band: an error event, then [DONE]."""
+        frame = call.frame
+        outcome = Outcome(first.usage)
+        error = None
+        try:
+            item = first
+            while item is not None:
+                outcome.usage = item.usage
+                if gate is None:
+                    yield frame.chunk(item.choices)
+                else:
+                    if released := await gate.feed(item.choices, item.usage.completion_tokens):
+                        yield frame.chunk(released)
+                    if gate.blocked:
+                        break
+                item = await anext(stream, None)
+            if gate is not None and (released := await gate.finish(outcome.usage.completion_tokens)):
+                yield frame.chunk(released)
+            outcome.status = Status.OUTPUT_FILTERED if gate is not None and gate.blocked else Status.OK
+        except Exception as exc:
+            error = classify(exc, call.route.spec)
+            outcome.status = Status.of(error.code)
+        finally:
+            if outcome.status is not Status.OK:
+                stream.cancel()
+            if outcome.status is None:
+                self._disconnected(call, outcome)
+        await self._settle(call, outcome)
+        if error is not None:
+            yield event(error.envelope())
+        elif frame.include_usage:
+            yield frame.usage_chunk(outcome.usage.as_dict())
+        yield DONE
+
+    async def _settle(self, call: Call, outcome: Outcome) -> None:
+        usage = outcome.usage
+        if call.gen_span is not None:
+            call.gen_span.set_attribute("qbt.completion_tokens", usage.completion_tokens)
+            call.gen_span.end()
+        charged = await traced(child("qbt.settle", call.span),
+                               self.billing.settle(call.admission, usage, outcome.status))
+        call.span.set_attribute("qbt.status", outcome.status.value)
+        call.span.end()
+        record_request(self.metrics, call.record, outcome.status.value, outcome.status.code, usage.prompt_tokens,
+                       usage.completion_tokens, charged)
+
+    def _disconnected(self, call: Call, outcome: Outcome) -> None:
+        """The client went away: settles what was produced, outside the cancelled request's scope, so a disconnect
+        cannot skip the ledger."""
+        outcome.status = Status.DISCONNECTED
+        call.screening.cancel()
+        task = asyncio.get_running_loop().create_task(self._settle(call, outcome))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def generation_request(completion_id: str, req: CompletionRequest, prompts: Prompts) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=completion_id, prompts=prompts.ids, prompt_texts=prompts.texts, sampling=req.sampling(),
+        n=req.choices_per_prompt, best_of=req.best_of, logprobs=req.logprobs, echo=bool(req.echo),
+        max_tokens=req.max_tokens_or_default)
+
+
+def classify(exc: BaseException, spec: ModelSpec) -> ApiError:
+    """An exception from the model's deployment (or the guard) as the contract's error."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidSampling):
+        return invalid(str(exc).splitlines()[0][:500], None)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return upstream(f"The model '{spec.id}' did not start answering in time.")
+    log.error("upstream failure for %s: %s", spec.id, exc)
+    return upstream(f"The model '{spec.id}' is unavailable or failed ({type(exc).__name__}).")

@@ -1,0 +1,91 @@
+"""The ingress, undecorated: the HTTP routes over the request path, built from the service config and the model
+deployments' handles. Serve wraps it (`serving/ingress.py`); tests build it from fakes or the simulated engine,
+without Ray, as Ray Serve LLM does with its own ingress."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from serve_app.api.encoding import dumps
+from serve_app.api.errors import ApiError
+from serve_app.api.http import EXCEPTION_HANDLERS, JSON, error_response
+from serve_app.config.service import ServiceConfig
+from serve_app.money import keys, keyspace
+from serve_app.money.billing import Billing
+from serve_app.safety.moderator import Moderator
+from serve_app.safety.policy import GuardPolicy
+from serve_app.safety.stage import SafetyStage
+from serve_app.serving.completions import CompletionPath
+from serve_app.serving.routing import ModelRouter
+from serve_app.telemetry.metrics import IngressMetrics
+
+
+class Gateway:
+    def __init__(self, config: ServiceConfig, router: ModelRouter, billing: Billing, safety: SafetyStage,
+                 metrics: IngressMetrics, ping: Callable[[], Any], clock: Callable[[], float] = time.time):
+        self.config = config
+        self.router = router
+        self.billing = billing
+        self.ping = ping
+        self.completions = CompletionPath(router, billing, safety, metrics, max_body_bytes=config.max_body_bytes,
+                                          first_item_timeout_s=config.first_item_timeout_s, clock=clock)
+        self._created = int(clock())
+
+    @classmethod
+    def build(cls, config: ServiceConfig, handles: dict[str, Any], redis=None, metrics=None) -> Gateway:
+        """Everything from the config: the router over the handles, money on Redis, the guard if configured."""
+        router = ModelRouter(config.models, handles, config.catalog_models, config.replica_wait_s,
+                             config.scale_from_zero_wait_s)
+        redis = redis if redis is not None else keyspace.async_client(config.redis_url)
+        metrics = metrics if metrics is not None else IngressMetrics()
+        safety = SafetyStage(None)
+        if config.guard is not None:
+            g = config.guard
+            safety = SafetyStage(Moderator(router.routes[g.model], g.timeout_s, metrics),
+                                 GuardPolicy(g.default_mode, g.block_controversial, g.fail_open),
+                                 g.stream_window_tokens, metrics)
+        billing = Billing.on(redis, config.default_rpm, config.default_tpm, config.reservation_ttl_s)
+        return cls(config, router, billing, safety, metrics, redis.ping)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
+                                 Route("/v1/models", self.models, methods=["GET"]),
+                                 Route("/health", self.health, methods=["GET"])],
+                         exception_handlers=EXCEPTION_HANDLERS)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            await self.billing.authenticate(keys.bearer_key(request.headers.get("authorization")))
+        except ApiError as exc:
+            return error_response(exc)
+        data = [{"id": r.spec.id, "object": "model", "created": self._created, "owned_by": "qubittron",
+                 "category": r.spec.category.value, "max_model_len": r.spec.max_model_len}
+                for r in self.router.routes.values() if r.spec.completions]
+        return Response(dumps({"object": "list", "data": data}), media_type=JSON)
+
+    async def health(self, request: Request) -> Response:
+        """200 only when every model deployment answers its engine health check and Redis answers. Models that
+        scale from zero are not probed (a probe would wake them) and show as `on_demand`."""
+        names = [n for n, r in self.router.routes.items() if not r.spec.scales_from_zero]
+        checks = [self.router.routes[n].health.remote() for n in names]
+        checks.append(self.ping())
+        results = await asyncio.gather(*(asyncio.wait_for(_awaited(c), self.config.health_timeout_s)
+                                         for c in checks), return_exceptions=True)
+        status = {n: "ok" if not isinstance(r, BaseException) else "unavailable" for n, r in zip(names, results)}
+        status["redis"] = "ok" if not isinstance(results[-1], BaseException) else "unavailable"
+        healthy = all(v == "ok" for v in status.values())
+        status.update({n: "on_demand" for n, r in self.router.routes.items() if r.spec.scales_from_zero})
+        return Response(dumps({"status": "ok" if healthy else "unavailable", "components": status}),
+                        status_code=200 if healthy else 503, media_type=JSON)
+
+
+async def _awaited(x):
+    return await x

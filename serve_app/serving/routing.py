@@ -1,0 +1,87 @@
+"""The model router: model id -> that model's Serve deployment handles, spec and tokenizer; unknown ids are `model_not_found`; a model
+without a replica to take the request answers within a bounded wait."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.api.errors import ApiError, Code
+from serve_app.config.service import ModelSpec
+
+
+RETRY_COLD_S, RETRY_UPSTREAM_S = 30, 5
+# Plain pickle for what crosses to and from the model replicas (deployments/wire.py: importable dataclasses): Serve's
+# default, cloudpickle, costs ~25x more per streamed item (benchmarks/results/profile.md).
+WIRE = {"request_serialization": "pickle", "response_serialization": "pickle"}
+
+
+@dataclass(slots=True)
+class ModelRoute:
+    spec: ModelSpec
+    stream: Any
+    complete: Any
+    health: Any
+    tokenizer: Any
+    wait_s: float
+
+    async def assigned(self, response) -> None:
+        """Waits until Serve hands the request to a replica. Serve's handle queues a request for as long as no
+        replica can take it (all dead, or a node lost, or scaled to zero); bounded here, so that such a model
+        answers 502 `upstream_error` (503 with Retry-After while it scales up from zero), never hangs.
+
+        Uses the handle's own assignment future (Ray 2.60; `tests/unit` checks it is still there)."""
+        try:
+            await asyncio.wait_for(response._fetch_future_result_async(), self.wait_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            response.cancel()
+            raise self.unavailable() from None
+
+    def unavailable(self) -> ApiError:
+        if self.spec.scales_from_zero:
+            return ApiError(Code.SERVICE_UNAVAILABLE, f"The model '{self.spec.id}' is scaling up from zero "
+                            "replicas; retry shortly.", headers={"Retry-After": str(RETRY_COLD_S)})
+        return ApiError(Code.UPSTREAM_ERROR, f"No replica of the model '{self.spec.id}' could take the request "
+                        f"within {self.wait_s:g}s (replicas lost, restarting or saturated); retry shortly.",
+                        headers={"Retry-After": str(RETRY_UPSTREAM_S)})
+
+
+class ModelRouter:
+    def __init__(self, specs: list[ModelSpec], handles: dict[str, Any], catalog_models: list[str] = (),
+                 replica_wait_s: float = 30, scale_from_zero_wait_s: float = 60):
+        self.catalog_models = set(catalog_models)
+        self.routes: dict[str, ModelRoute] = {}
+        for spec in specs:
+            handle = handles[spec.id]
+            self.routes[spec.id] = ModelRoute(
+                spec=spec,
+                stream=handle.options(stream=True, method_name="stream", **WIRE),
+                complete=handle.options(method_name="complete", **WIRE),
+                health=handle.options(method_name="check_health", **WIRE),
+                tokenizer=load_tokenizer(spec),
+                wait_s=scale_from_zero_wait_s if spec.scales_from_zero else replica_wait_s,
+            )
+
+    def route(self, model: str) -> ModelRoute:
+        route = self.routes.get(model)
+        if route is None and model in self.catalog_models:
+            raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' is in the catalog but not deployed on this "
+                           f"cluster; GET /v1/models lists the served models.", "model")
+        if route is None:
+            raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' does not exist or is not served here; "
+                           f"GET /v1/models lists the served models.", "model")
+        if not route.spec.completions:
+            raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' does not support completions.", "model")
+        return route
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The ingress tokenizes once (for the context check and the reservation) and sends token ids on."""
+    if spec.simulated:
+        from deployments.sim_tokenizer import sim_tokenizer
+
+        return sim_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.weights_path())

@@ -1,0 +1,1 @@
+"""Logs, metrics and traces, shared by the ingress and the model replicas."""

@@ -1,0 +1,221 @@
+"""The admission and settlement scripts against a real Redis server, with several admitters standing in for
+several ingress replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis
+
+from serve_app.api.errors import ApiError, Code
+from serve_app.config.service import Prices
+from serve_app.money import accounts, keys, keyspace, units
+from serve_app.money.admission import Admitter, key_is_active
+from serve_app.money.ledger import ledger_rows
+from serve_app.money.settlement import Settlement, Settler
+from serve_app.money.status import Status
+from tests.support import lua_cost
+
+PRICES = Prices(input_usd_per_mtok="0.50", output_usd_per_mtok="1.50")  # 500_000 and 1_500_000 micros per Mtok
+
+
+def customer(r, credits="10", **limits):
+    name = "a-" + uuid.uuid4().hex[:8]
+    accounts.create_account(r, name, credits)
+    key, _ = accounts.create_key(r, name, **limits)
+    return name, keys.key_hash(key)
+
+
+async def admit(admitter, key_hash, prompt=6, completion=16):
+    cid = "cmpl-" + uuid.uuid4().hex
+    return await admitter.admit(key_hash, cid, cid, "m", PRICES, prompt, completion)
+
+
+async def outcome(coro):
+    try:
+        return await coro
+    except ApiError as exc:
+        return exc.code
+
+
+@pytest.fixture
+def replicas(redis_server):
+    """Two admitters and ledgers on separate connection pools, as two ingress replicas would have."""
+    clients = [keyspace.async_client(redis_server.url) for _ in range(2)]
+    return [(Admitter(c, 0, 0, 900), Settler(c)) for c in clients]
+
+
+async def test_rpm_holds_across_two_replicas(r, replicas):
+    _, kh = customer(r, rpm=10)
+    results = await asyncio.gather(*(outcome(admit(replicas[i % 2][0], kh)) for i in range(30)))
+    admitted = [x for x in results if not isinstance(x, Code)]
+    assert len(admitted) == 10, results
+    assert results.count(Code.RATE_LIMIT_EXCEEDED) == 20
+    assert sorted(a.limits.rpm_remaining for a in admitted) == list(range(10))
+
+
+async def test_gcra_admits_again_after_the_interval(r, replicas):
+    _, kh = customer(r, rpm=60)  # one request a second, burst of 60
+    admitter = replicas[0][0]
+    await asyncio.gather(*(admit(admitter, kh) for _ in range(60)))
+    with pytest.raises(ApiError) as info:
+        await admit(admitter, kh)
+    assert info.value.headers["Retry-After"] == "1"
+    await asyncio.sleep(1.05)
+    await admit(admitter, kh)
+
+
+async def test_tpm_counts_worst_case_and_refunds_unused(r, replicas):
+    _, kh = customer(r, tpm=100)
+    admitter, ledger = replicas[0]
+    first = await admit(admitter, kh, prompt=10, completion=80)  # 90 of 100 tokens
+    with pytest.raises(ApiError) as info:
+        await admit(admitter, kh, prompt=10, completion=10)
+    assert info.value.code is Code.RATE_LIMIT_EXCEEDED
+    await ledger.settle(Settlement(first.completion_id, 10, 5, Status.OK))  # 75 tokens unused come back
+    await admit(admitter, kh, prompt=10, completion=10)
+
+
+async def test_request_larger_than_tpm_is_refused_without_retry(r, replicas):
+    _, kh = customer(r, tpm=50)
+    with pytest.raises(ApiError) as info:
+        await admit(replicas[0][0], kh, prompt=10, completion=80)
+    assert info.value.headers == {"x-should-retry": "false"}
+
+
+async def test_concurrent_reservations_never_overdraw(r, replicas):
+    cost = lua_cost(r, 6, 16, PRICES.input_micros, PRICES.output_micros)
+    name, kh = customer(r, credits=units.micros_to_usd(20 * cost + cost - 1))
+
+    async def one(i):
+        admitter, ledger = replicas[i % 2]
+        try:
+            a = await admit(admitter, kh)
+        except ApiError as exc:
+            assert exc.code is Code.INSUFFICIENT_FUNDS
+            return 0
+        await ledger.settle(Settlement(a.completion_id, 6, 16, Status.OK))
+        return 1
+
+    served = sum(await asyncio.gather(*(one(i) for i in range(200))))
+    acct = r.hgetall(keyspace.account_record(name))
+    rows = list(ledger_rows(r, name))
+    assert int(acct["balance"]) == cost - 1 and int(acct["reserved"]) == 0
+    assert served == len(rows) == 20
+    assert sum(row["cost_micros"] for row in rows) == 20 * cost
+
+
+async def test_settle_charges_actual_and_is_idempotent(r, replicas):
+    name, kh = customer(r, credits="1")
+    admitter, ledger = replicas[0]
+    a = await admit(admitter, kh)
+    assert a.reserved_micros == 27
+    assert await ledger.settle(Settlement(a.completion_id, 6, 3, Status.OK)) == 8
+    assert await ledger.settle(Settlement(a.completion_id, 6, 3, Status.OK)) is None
+    acct = r.hgetall(keyspace.account_record(name))
+    assert int(acct["balance"]) == 1_000_000 - 8 and int(acct["reserved"]) == 0
+
+
+async def test_failed_upstream_pays_nothing(r, replicas):
+    name, kh = customer(r, credits="1")
+    admitter, ledger = replicas[0]
+    a = await admit(admitter, kh)
+    assert await ledger.settle(Settlement(a.completion_id, 6, 4, Status.UPSTREAM_ERROR)) == 0
+    (row,) = ledger_rows(r, name)
+    assert row["status"] == "upstream_error" and row["cost_usd"] == "0.000000"
+
+
+@pytest.mark.parametrize("status", [Status.DISCONNECTED, Status.OUTPUT_FILTERED])
+async def test_disconnected_and_filtered_pay_for_what_was_produced(r, replicas, status):
+    name, kh = customer(r, credits="1")
+    admitter, ledger = replicas[0]
+    a = await admit(admitter, kh)
+    assert await ledger.settle(Settlement(a.completion_id, 6, 5, status)) == lua_cost(r, 6, 5, 500_000, 1_500_000)
+    (row,) = ledger_rows(r, name)
+    assert row["status"] == status.value and row["cost_micros"] == 11  # 6 x 0.5 + 5 x 1.5 = 10.5, rounded up
+
+
+async def test_expired_reservations_are_reconciled(r, redis_server):
+    name, kh = customer(r, credits="1")
+    short = Admitter(keyspace.async_client(redis_server.url), 0, 0, reservation_ttl_s=0.05)
+    await admit(short, kh)
+    assert int(r.hget(keyspace.account_record(name), "reserved")) == 27
+    await asyncio.sleep(0.1)
+    await admit(short, kh)  # this admission reconciles the first one
+    rows = list(ledger_rows(r, name))
+    assert [row["status"] for row in rows] == ["expired"]
+    assert int(r.hget(keyspace.account_record(name), "reserved")) == 27
+
+
+async def test_unknown_and_revoked_keys(r, replicas):
+    admitter = replicas[0][0]
+    with pytest.raises(ApiError) as info:
+        await admit(admitter, keys.key_hash("qbt_nope"))
+    assert info.value.code is Code.INVALID_API_KEY
+    name = "a-" + uuid.uuid4().hex[:8]
+    accounts.create_account(r, name, "1")
+    key, _ = accounts.create_key(r, name)
+    await admit(admitter, keys.key_hash(key))
+    assert await admitter.authenticate(keys.key_hash(key)) == name and key_is_active(r, keys.key_hash(key))
+    accounts.revoke_key(r, key)
+    for check in (admit(admitter, keys.key_hash(key)), admitter.authenticate(keys.key_hash(key))):
+        with pytest.raises(ApiError) as info:
+            await check
+        assert info.value.code is Code.INVALID_API_KEY
+    assert not key_is_active(r, keys.key_hash(key))
+
+
+async def test_redis_down_fails_closed_with_503():
+    dead = Admitter(keyspace.async_client("redis://127.0.0.1:1/0"), 0, 0, 900)
+    with pytest.raises(ApiError) as info:
+        await admit(dead, "0" * 64)
+    assert info.value.status == 503 and info.value.headers["Retry-After"]
+
+
+def test_balances_survive_a_redis_restart(r, redis_server):
+    name, _ = customer(r, credits="3.5")
+    accounts.topup(r, name, "1.25")
+    redis_server.restart()
+    fresh = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    assert accounts.show_account(fresh, name)["balance_usd"] == "4.750000"
+
+
+async def test_admission_replay_does_not_reserve_twice(r, replicas):
+    name, kh = customer(r, credits="1")
+    admitter = replicas[0][0]
+    first = await admitter.admit(kh, "cmpl-replay", "req-1", "m", PRICES, 6, 16)
+    again = await admitter.admit(kh, "cmpl-replay", "req-1", "m", PRICES, 6, 16)
+    assert again == first
+    assert int(r.hget(keyspace.account_record(name), "reserved")) == first.reserved_micros == 27
+
+
+async def test_client_survives_a_redis_restart(r, redis_server):
+    name, kh = customer(r, credits="1")
+    admitter = Admitter(keyspace.async_client(redis_server.url), 0, 0, 900)
+    await admit(admitter, kh)
+    redis_server.restart()
+    await admit(admitter, kh)  # the pooled connection is dead; the client reconnects and retries
+    assert int(redis.Redis.from_url(redis_server.url).hget(keyspace.account_record(name), "reserved")) == 54
+
+
+@pytest.mark.parametrize("prompt, completion, pin, pout, micros", [
+    (6, 3, 500_000, 1_500_000, 8),  # 7.5 rounds up
+    (2, 0, 500_000, 0, 1),  # 1.0 exactly
+    (0, 0, 500_000, 1_500_000, 0),
+    (6, 16, 500_000, 1_500_000, 27),
+    (1, 0, 1, 0, 1),  # any fraction of a micro-dollar is a micro-dollar
+    (1_000_000, 1_000_000, 60_000_000, 60_000_000, 120_000_000),  # $60 per Mtok, a million tokens each way
+])
+def test_the_cost_rule_in_the_scripts_rounds_up_to_the_micro_dollar(r, prompt, completion, pin, pout, micros):
+    assert lua_cost(r, prompt, completion, pin, pout) == micros
+
+
+async def test_reservations_hold_exactly_the_fields_settlement_reads(r, replicas):
+    from serve_app.money import lua
+
+    _, kh = customer(r, credits="1")
+    a = await admit(replicas[0][0], kh)
+    stored = r.hgetall(keyspace.reservation(a.completion_id))
+    assert set(stored) == set(lua.RESERVATION_FIELDS) | {"reply"}

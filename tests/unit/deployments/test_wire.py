@@ -1,0 +1,20 @@
+"""What crosses the handle goes as plain pickle (serve_app/serving/routing.py WIRE): every wire type must round-trip."""
+
+from __future__ import annotations
+
+import pickle
+
+from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
+from serve_app.serving.routing import WIRE
+
+
+def test_wire_types_round_trip_through_plain_pickle():
+    req = GenerationRequest("cmpl-1", [[1, 2, 3]], [None], {"temperature": 0.5}, n=2, logprobs=1, max_tokens=7,
+                            trace_context={"traceparent": "00-ab-cd-01"})
+    item = StreamItem([{"text": " hi", "index": 0, "logprobs": None, "finish_reason": None}], Usage(3, 1))
+    for obj in (req, item, ([item.choices[0]], Usage(3, 4))):
+        assert pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)) == obj
+    assert all(WIRE[k] == "pickle" for k in ("request_serialization", "response_serialization"))
+    for exc in (EngineFailure("engine died"), InvalidSampling("bad logit_bias")):
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)
