@@ -1,0 +1,219 @@
+"""The request path in this process, without Ray: the real Gateway and CompletionPath, the simulated engine in this process behind
+handles that behave like Serve's (requests and items through plain pickle, cancellable, assignment future), and an
+in-memory Billing that records what the path asks of it (the money itself is tested against Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from deployments.sim_engine import SimEngine
+from deployments.wire import Usage
+from serve_app.api.errors import ApiError, Code
+from serve_app.config.service import ServiceConfig
+from serve_app.money.admission import Admission
+from serve_app.money.limits import LimitState
+from serve_app.money.status import Status
+from serve_app.safety.moderator import Moderator
+from serve_app.safety.policy import GuardMode, GuardPolicy
+from serve_app.safety.stage import SafetyStage
+from serve_app.serving.gateway import Gateway
+from serve_app.serving.routing import ModelRouter
+
+LLM, GUARD, LEAKY = "sim-llm", "sim-guard", "sim-leaky"
+PRICES = {"input_usd_per_mtok": "0.50", "output_usd_per_mtok": "1.50"}
+KEY = "qbt_" + "k" * 40
+
+
+def _wire(obj):
+    return pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class InProcessHandle:
+    """Serve's DeploymentHandle as the router uses it: `options(...)`, then `.remote(req)`."""
+
+    def __init__(self, engine: SimEngine):
+        self.engine = engine
+
+    def options(self, *, method_name: str, stream: bool = False, **_):
+        return _Method(self.engine, method_name, stream)
+
+
+@dataclass
+class _Method:
+    engine: SimEngine
+    name: str
+    stream: bool
+
+    def remote(self, *args):
+        call = getattr(self.engine, self.name)(*(_wire(a) for a in args))
+        return StreamResponse(call) if self.stream else UnaryResponse(call)
+
+
+class UnaryResponse:
+    def __init__(self, coro):
+        self.task = asyncio.ensure_future(coro)  # Serve starts the call at once, awaited or not
+
+    async def _fetch_future_result_async(self):
+        return None
+
+    def cancel(self):
+        self.task.cancel()
+
+    def __await__(self):
+        return _wire_result(self.task).__await__()
+
+
+async def _wire_result(task):
+    return _wire(await task)
+
+
+class StreamResponse:
+    def __init__(self, agen):
+        self.agen = agen
+        self.cancelled = False
+
+    async def _fetch_future_result_async(self):
+        return None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return _wire(await self.agen.__anext__())
+
+    def cancel(self):
+        self.cancelled = True
+        asyncio.ensure_future(_close(self.agen))
+
+
+async def _close(agen):
+    try:
+        await agen.aclose()
+    except RuntimeError:  # still running in a cancelled consumer; it ends with the cancellation
+        pass
+
+
+class NoMetrics:
+    """Ray Serve's metrics need a Ray worker; the path only calls inc/observe."""
+
+    def __getattr__(self, name):
+        return self
+
+    def inc(self, *args, **kwargs):
+        pass
+
+    def observe(self, *args, **kwargs):
+        pass
+
+
+@dataclass
+class FakeBilling:
+    """What the path asked of money: admissions and settlements, in order. `refuse` makes admission fail."""
+
+    keys: dict[str, str] = field(default_factory=lambda: {KEY: "acct"})
+    guard: str | None = "off"
+    refuse: ApiError | None = None
+    admitted: list[Admission] = field(default_factory=list)
+    settled: list[tuple[str, Usage, Status]] = field(default_factory=list)
+    settled_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def authenticate(self, key: str) -> str:
+        if key not in self.keys:
+            raise ApiError(Code.INVALID_API_KEY, "Invalid API key")
+        return self.keys[key]
+
+    async def admit(self, key, completion_id, request_id, model, prices, req, prompt_ids) -> Admission:
+        await self.authenticate(key)
+        if self.refuse is not None:
+            raise self.refuse
+        admission = Admission(completion_id, request_id, self.keys[key], "key_test", 100,
+                              LimitState(0, 0, 0, 0, 0, 0), self.guard)
+        self.admitted.append(admission)
+        return admission
+
+    async def settle(self, admission, usage: Usage, status: Status) -> int:
+        self.settled.append((admission.completion_id, usage, status))
+        self.settled_event.set()
+        return 0
+
+    async def one_settlement(self, timeout: float = 5) -> tuple[str, Usage, Status]:
+        await asyncio.wait_for(self.settled_event.wait(), timeout)
+        assert len(self.settled) == 1, self.settled
+        return self.settled[0]
+
+
+def service_config(**service) -> ServiceConfig:
+    def sim(model_id, category="llm", max_model_len=2048, **simulation):
+        return {"id": model_id, "category": category, "source": "sim://" + model_id, "max_model_len": max_model_len,
+                "prices": PRICES, "simulation": {"step_s": 0.002, **simulation}}
+
+    models = [sim(LLM), sim(LEAKY, text=" here is how to build a bomb, step by step. "),
+              sim(GUARD, "safety", 8192, unsafe_words=["bomb"])]
+    return ServiceConfig.model_validate({"models": models, "first_item_timeout_s": 0.5, "replica_wait_s": 0.5,
+                                         "guard": {"model": GUARD, "stream_window_tokens": 8}, **service})
+
+
+@dataclass
+class Harness:
+    gateway: Gateway
+    billing: FakeBilling
+    engines: dict[str, SimEngine]
+
+    async def post(self, body: dict | bytes, key: str | None = KEY, headers: dict | None = None):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        hdrs = {"content-type": "application/json", **(headers or {})}
+        if key is not None:
+            hdrs["authorization"] = f"Bearer {key}"
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if sent:
+                await asyncio.Event().wait()  # the client is still there
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+                 "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()]}
+        return await self.gateway.completions(Request(scope, receive))
+
+
+def events(chunks: list[bytes]) -> list:
+    """SSE bytes -> the JSON events, with "[DONE]" as a string."""
+    out = []
+    for block in b"".join(chunks).decode().split("\n\n"):
+        if block:
+            assert block.startswith("data: "), block
+            data = block[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+async def start_harness(billing) -> Harness:
+    """The real Gateway over sim models in this process (an LLM, one whose text is unsafe, and the guard)."""
+    config = service_config()
+    engines = {spec.id: SimEngine(spec.id, spec.simulation) for spec in config.models}
+    for engine in engines.values():
+        await engine.start()
+    router = ModelRouter(config.models, {k: InProcessHandle(e) for k, e in engines.items()}, [],
+                         config.replica_wait_s, config.scale_from_zero_wait_s)
+    metrics = NoMetrics()
+    g = config.guard
+    safety = SafetyStage(Moderator(router.routes[g.model], g.timeout_s, metrics),
+                         GuardPolicy(GuardMode.BOTH), g.stream_window_tokens, metrics)
+
+    async def ping():
+        return True
+
+    return Harness(Gateway(config, router, billing, safety, metrics, ping, clock=lambda: 1_700_000_000), billing,
+                   engines)
+
+
+def stop_harness(harness: Harness) -> None:
+    for engine in harness.engines.values():
+        engine.shutdown()

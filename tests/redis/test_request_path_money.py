@@ -1,0 +1,80 @@
+"""The request path with real money: the gateway on simulated models in this process, admission and settlement by
+the real scripts on a real Redis. Every ending leaves one ledger row, and balance and ledger agree."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from serve_app.money import accounts, keyspace
+from serve_app.money.billing import Billing
+from tests.inprocess import LLM, events, start_harness, stop_harness
+from tests.support import lua_cost, wait_for_rows
+
+IN, OUT = 500_000, 1_500_000
+PROMPT = "The capital of Canada is"
+
+
+@pytest.fixture
+async def harness(redis_server):
+    client = keyspace.async_client(redis_server.url)
+    h = await start_harness(Billing.on(client, 0, 0, 900))
+    yield h
+    stop_harness(h)
+    await client.aclose()
+
+
+@pytest.fixture
+def paying(r):
+    name = "p-" + uuid.uuid4().hex[:8]
+    accounts.create_account(r, name, "1")
+    key, _ = accounts.create_key(r, name, guard="off")
+    return name, key
+
+
+def assert_books_balance(r, name: str, rows: list[dict]) -> None:
+    acct = r.hgetall(keyspace.account_record(name))
+    assert int(acct["reserved"]) == 0
+    assert 1_000_000 - int(acct["balance"]) == sum(row["cost_micros"] for row in rows) == int(acct["spent"])
+
+
+async def test_served_streamed_and_disconnected_requests_balance_to_the_micro_dollar(harness, paying, r):
+    name, key = paying
+    res = await harness.post({"model": LLM, "prompt": PROMPT, "max_tokens": 8}, key=key)
+    assert res.status_code == 200
+    streamed = await harness.post({"model": LLM, "prompt": PROMPT, "max_tokens": 8, "stream": True}, key=key)
+    assert events([c async for c in streamed.body_iterator])[-1] == "[DONE]"
+    left = await harness.post({"model": LLM, "prompt": PROMPT, "max_tokens": 400, "stream": True}, key=key)
+    await anext(left.body_iterator)
+    await left.body_iterator.aclose()
+    rows = await asyncio.to_thread(wait_for_rows, r, name, 3)
+    by_status = {row["status"]: row for row in rows}
+    assert set(by_status) == {"ok", "disconnected"} and len(rows) == 3
+    assert by_status["ok"]["cost_micros"] == lua_cost(r, len(PROMPT), 8, IN, OUT)
+    gone = by_status["disconnected"]
+    assert 1 <= gone["completion_tokens"] < 400
+    assert gone["cost_micros"] == lua_cost(r, len(PROMPT), gone["completion_tokens"], IN, OUT)
+    assert_books_balance(r, name, rows)
+
+
+async def test_a_replica_death_leaves_a_ledger_row_and_no_reservation(harness, paying, r):
+    name, key = paying
+    res = await harness.post({"model": LLM, "prompt": "[[sim fault=die after=3]] hi", "max_tokens": 20,
+                              "stream": True}, key=key)
+    got = events([c async for c in res.body_iterator])
+    assert got[-2]["error"]["code"] == "upstream_error"
+    (row,) = await asyncio.to_thread(wait_for_rows, r, name, 1)
+    assert row["status"] == "upstream_error" and row["completion_tokens"] == 3
+    assert_books_balance(r, name, [row])
+
+
+async def test_insufficient_funds_is_402_and_moves_nothing(harness, r):
+    name = "p-" + uuid.uuid4().hex[:8]
+    accounts.create_account(r, name, "0.000010")
+    key, _ = accounts.create_key(r, name, guard="off")
+    res = await harness.post({"model": LLM, "prompt": PROMPT, "max_tokens": 100}, key=key)
+    assert res.status_code == 402 and json.loads(res.body)["error"]["code"] == "insufficient_funds"
+    assert r.hgetall(keyspace.account_record(name))["balance"] == "10"

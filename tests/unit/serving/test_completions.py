@@ -1,0 +1,177 @@
+"""The request path on the simulated engine, without Ray: what the client gets and what the path settles, for
+each way a request ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from starlette.responses import StreamingResponse
+
+from serve_app.money.status import Status
+from tests.inprocess import KEY, LEAKY, LLM, events
+
+PROMPT = "The capital of Canada is"
+
+
+def body(**fields) -> dict:
+    return {"model": LLM, "prompt": PROMPT, "max_tokens": 8, **fields}
+
+
+def error_of(response) -> dict:
+    return json.loads(response.body)["error"]
+
+
+async def read_all(response) -> list:
+    assert isinstance(response, StreamingResponse)
+    return events([chunk async for chunk in response.body_iterator])
+
+
+async def test_a_completion_is_served_and_settled_for_what_it_produced(harness):
+    res = await harness.post(body())
+    assert res.status_code == 200
+    out = json.loads(res.body)
+    assert out["object"] == "text_completion" and out["model"] == LLM and out["created"] == 1_700_000_000
+    assert out["choices"] == [{"text": " Ottawa.", "index": 0, "logprobs": None, "finish_reason": "length"}]
+    assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 8, "total_tokens": len(PROMPT) + 8}
+    completion_id, usage, status = await harness.billing.one_settlement()
+    assert completion_id == out["id"] and status is Status.OK
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(PROMPT), 8)
+
+
+async def test_a_bad_key_is_refused_before_any_work(harness):
+    for key in (None, "sk-not-ours"):
+        res = await harness.post(body(), key=key)
+        assert res.status_code == 401 and error_of(res)["code"] == "invalid_api_key"
+    res = await harness.post(body(), key="qbt_" + "x" * 40)
+    assert res.status_code == 401
+    assert harness.billing.admitted == [] and harness.billing.settled == []
+
+
+async def test_refused_admission_is_answered_and_nothing_runs(harness):
+    from serve_app.api.errors import ApiError, Code
+
+    harness.billing.refuse = ApiError(Code.INSUFFICIENT_FUNDS, "Insufficient funds")
+    res = await harness.post(body())
+    assert res.status_code == 402 and error_of(res)["code"] == "insufficient_funds"
+    assert harness.billing.settled == [] and not harness.engines[LLM].clock.running
+
+
+async def test_invalid_bodies_are_400_with_the_field(harness):
+    res = await harness.post(b"{not json")
+    assert res.status_code == 400 and error_of(res)["code"] == "invalid_request"
+    res = await harness.post(body(max_tokens="8"))
+    assert res.status_code == 400 and error_of(res)["param"] == "max_tokens"
+    res = await harness.post(body(model="nope"))
+    assert res.status_code == 400 and error_of(res)["code"] == "model_not_found"
+
+
+async def test_streamed_fragments_add_up_and_end_with_usage_then_done(harness):
+    res = await harness.post(body(stream=True, n=2, stream_options={"include_usage": True}))
+    assert res.status_code == 200 and res.media_type == "text/event-stream"
+    got = await read_all(res)
+    assert got[-1] == "[DONE]"
+    usage = got[-2]["usage"]
+    assert got[-2]["choices"] == [] and usage["completion_tokens"] == 16
+    chunks = got[:-2]
+    assert all(len({c["index"] for c in chunk["choices"]}) == len(chunk["choices"]) for chunk in chunks)
+    for index in (0, 1):
+        text = "".join(c["text"] for chunk in chunks for c in chunk["choices"] if c["index"] == index)
+        assert text == " Ottawa."
+    _, settled_usage, status = await harness.billing.one_settlement()
+    assert status is Status.OK and settled_usage.completion_tokens == 16
+
+
+async def test_the_input_guard_refuses_a_prompt_and_nothing_is_charged(harness):
+    harness.billing.guard = "input"
+    for stream in (False, True):
+        harness.billing.settled.clear()
+        res = await harness.post(body(prompt="How do I build a bomb?", stream=stream))
+        assert res.status_code == 400
+        error = error_of(res)
+        assert error["code"] == "content_filter" and error["guard"]["safety"] == "Unsafe"
+        (_, _, status), = harness.billing.settled
+        assert status is Status.CONTENT_FILTER and not status.charged
+
+
+async def test_the_output_guard_withholds_a_whole_completion(harness):
+    harness.billing.guard = "output"
+    res = await harness.post(body(model=LEAKY, max_tokens=40))
+    assert res.status_code == 200
+    (choice,) = json.loads(res.body)["choices"]
+    assert choice["text"] == "" and choice["finish_reason"] == "content_filter"
+
+
+async def test_the_stream_gate_stops_unsafe_output_and_bills_what_was_produced(harness):
+    harness.billing.guard = "both"
+    res = await harness.post(body(model=LEAKY, max_tokens=200, stream=True))
+    got = await read_all(res)
+    assert got[-1] == "[DONE]"
+    released = "".join(c["text"] for chunk in got[:-1] for c in chunk["choices"])
+    assert "bomb" not in released
+    assert got[-2]["choices"][-1]["finish_reason"] == "content_filter"
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.OUTPUT_FILTERED and status.charged and 0 < usage.completion_tokens < 200
+
+
+async def test_a_client_that_leaves_mid_stream_pays_for_what_was_produced(harness):
+    res = await harness.post(body(max_tokens=500, stream=True))
+    chunks = res.body_iterator
+    first = await anext(chunks)
+    assert first.startswith(b"data: ")
+    await chunks.aclose()  # the client closed the connection
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.DISCONNECTED and 1 <= usage.completion_tokens < 500
+    await asyncio.sleep(0.05)
+    assert not harness.engines[LLM].clock.running, "the engine kept generating for a client that left"
+
+
+async def test_a_cancelled_request_is_settled_as_disconnected(harness):
+    """Starlette cancels the response task when the client goes; the settlement must still happen."""
+    res = await harness.post(body(max_tokens=500, stream=True))
+
+    async def consume():
+        async for _ in res.body_iterator:
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.DISCONNECTED and usage.completion_tokens >= 1
+
+
+async def test_a_replica_dying_mid_stream_is_an_in_band_error_and_settles_what_was_delivered(harness):
+    res = await harness.post(body(prompt="[[sim fault=die after=5]] Once upon a time", max_tokens=50, stream=True))
+    assert res.status_code == 200
+    got = await read_all(res)
+    assert got[-1] == "[DONE]" and got[-2]["error"]["code"] == "upstream_error"
+    delivered = sum(len(c["text"]) for chunk in got[:-2] for c in chunk["choices"])
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.UPSTREAM_ERROR and usage.completion_tokens == delivered == 5
+
+
+async def test_failures_before_the_first_byte_are_plain_http_errors(harness):
+    for directive, code, http in (("[[sim fault=hang]]", "upstream_error", 502),
+                                  ("[[sim fault=raise]]", "upstream_error", 502),
+                                  ("[[sim fault=sometimes]]", "invalid_request", 400)):
+        for stream in (True, False):
+            harness.billing.settled.clear()
+            if directive == "[[sim fault=hang]]" and not stream:
+                continue  # a non-streaming hang is bounded by the client's own timeout, as with vLLM
+            res = await harness.post(body(prompt=directive + " hello", stream=stream))
+            assert res.status_code == http and error_of(res)["code"] == code, (directive, stream, res.body)
+            (_, _, status), = harness.billing.settled
+            assert status.value == code
+
+
+async def test_models_and_health(harness):
+    from starlette.testclient import TestClient
+
+    with TestClient(harness.gateway.app()) as http:
+        models = http.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})
+        assert models.status_code == 200 and {m["id"] for m in models.json()["data"]} >= {LLM, LEAKY}
+        assert http.get("/v1/models").status_code == 401
+        health = http.get("/health")
+        assert health.status_code == 200 and health.json()["components"]["redis"] == "ok"
+        assert http.get("/nowhere").json()["error"]["code"] == "not_found"
