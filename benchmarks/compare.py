@@ -25,9 +25,10 @@ from pathlib import Path
 import httpx
 
 from benchmarks.load import run
-from serve_app import accounts, store
-from serve_app.dev_models import ensure_built, model_path
-from serve_app.launcher import become_subreaper, stop_descendants
+from serve_app.config.paths import model_path
+from serve_app.money import accounts, keyspace
+from serve_app.ops.dev_models import ensure_built
+from serve_app.ops.launcher import become_subreaper, stop_descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"
@@ -83,7 +84,7 @@ def wait_ready(name: str, url: str, headers: dict, proc: subprocess.Popen, timeo
 
 def start_qbt(env: dict[str, str] | None = None) -> subprocess.Popen:
     OUT.mkdir(parents=True, exist_ok=True)
-    return start("qbt", [PY, "-m", "serve_app.cli", "serve", "--port", str(PORTS["qbt"]), "--run-dir",
+    return start("qbt", [PY, "-m", "serve_app.ops.cli", "serve", "--port", str(PORTS["qbt"]), "--run-dir",
                          str(ROOT / ".run" / "bench")], LOGS / "qbt.log",
                  {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181", **(env or {})})
 
@@ -99,7 +100,7 @@ def start_vllm() -> subprocess.Popen:
 
 def bench_key(guard: str = "off") -> str:
     """A key without limits on the benchmark's own Redis, whose account never runs dry."""
-    r = store.sync_client(REDIS_URL)
+    r = keyspace.sync_client(REDIS_URL)
     accounts.ensure_account(r, "bench", "1000000")
     return accounts.create_key(r, "bench", rpm=0, tpm=0, guard=guard)[0]
 

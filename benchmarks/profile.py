@@ -43,7 +43,7 @@ def role(p: psutil.Process) -> str:
             if name in ("engine core", "engine worker") and _under_guard(p):
                 return "guard " + name
             return name
-    return "qubittron launcher" if "serve_app.cli" in text else "other Ray processes"
+    return "qubittron launcher" if "serve_app.ops.cli" in text or "bin/qbt" in text else "other Ray processes"
 
 
 def _under_guard(p: psutil.Process) -> bool:
