@@ -180,7 +180,7 @@ class Harness:
 
         scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
                  "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()]}
-        return await self.gateway.completions(Request(scope, receive))
+        return await self.gateway.completions.handle(Request(scope, receive))
 
 
 def events(chunks: list[bytes]) -> list:

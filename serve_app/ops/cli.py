@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config").add_subparsers(dest="action", required=True)
     cb = cfg.add_parser("build", help="render cluster/serve-<profile>.yaml (and the RayService for prod)")
-    cb.add_argument("--profile", action="append", choices=["local", "multinode", "prod"], required=True)
+    cb.add_argument("--profile", action="append", choices=["local", "multinode", "sim", "prod"], required=True)
     cb.add_argument("--check", action="store_true", help="fail if a checked-in artefact differs")
     cb.set_defaults(func=cmd_config)
     cfg.add_parser("sizing", help="the sizing table of the catalog").set_defaults(func=cmd_sizing)

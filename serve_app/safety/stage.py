@@ -33,7 +33,11 @@ class SafetyStage:
         """The key's policy over the config's; models that are not moderated (the safety models) get none."""
         if self.moderator is None or not moderated:
             return OFF
-        return GuardPolicy.parse(key_mode, self.default)
+        try:
+            return GuardPolicy.parse(key_mode, self.default)
+        except ValueError as exc:  # a key stored before modifiers were checked: the configured policy applies
+            log.warning("key guard mode %r not understood (%s); applying the default policy", key_mode, exc)
+            return self.default
 
     def screen(self, policy: GuardPolicy, texts: list[str], n: int, span, request_id: str) -> Screening:
         screening = Screening(self, policy, texts, n, span, request_id)

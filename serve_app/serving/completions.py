@@ -1,4 +1,4 @@
-"""The completions request path, read top to bottom in `CompletionPath.__call__`: authenticate and validate, route,
+"""The completions request path, read top to bottom in `CompletionPath.handle`: authenticate and validate, route,
 tokenize, admit (one Redis trip); the input guard runs beside generation; tokens stream (through the output gate);
 the request settles (one Redis trip). A plain object built from its collaborators, so it runs without Ray.
 """
@@ -80,7 +80,7 @@ class CompletionPath:
         self.clock = clock
         self._background: set[asyncio.Task] = set()
 
-    async def __call__(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
         completion_id = "cmpl-" + uuid.uuid4().hex
         request_id = request.headers.get("x-request-id", completion_id)[:128]
         record = RequestRecord(request_id, completion_id, "unknown")

@@ -56,7 +56,7 @@ class Gateway:
         return cls(config, router, billing, safety, metrics, redis.ping)
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
+        return Starlette(routes=[Route("/v1/completions", self.completions.handle, methods=["POST"]),
                                  Route("/v1/models", self.models, methods=["GET"]),
                                  Route("/health", self.health, methods=["GET"])],
                          exception_handlers=EXCEPTION_HANDLERS)

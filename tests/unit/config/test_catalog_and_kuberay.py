@@ -67,13 +67,13 @@ def test_tensor_parallel_must_match_accelerators():
         catalogs.Catalog.model_validate(data)
 
 
-@pytest.mark.parametrize("name", ["local", "multinode", "prod"])
+@pytest.mark.parametrize("name", ["local", "multinode", "sim", "prod"])
 def test_checked_in_artefacts_match_the_catalog(catalog, name):
     for path, text in artefacts.build(name, catalog).items():
         assert path.read_text() == text, f"{path} drifted: run `qbt config build --profile {name}`"
 
 
-@pytest.mark.parametrize("name", ["local", "multinode", "prod"])
+@pytest.mark.parametrize("name", ["local", "multinode", "sim", "prod"])
 def test_serve_parses_the_configs(name):
     from ray.serve.schema import ServeDeploySchema
 

@@ -165,13 +165,29 @@ async def test_failures_before_the_first_byte_are_plain_http_errors(harness):
             assert status.value == code
 
 
-async def test_models_and_health(harness):
+async def test_the_http_app_routes_completions_models_and_health(harness):
+    """Through Starlette's routing, as Serve's HTTP server drives the app."""
     from starlette.testclient import TestClient
 
     with TestClient(harness.gateway.app()) as http:
+        auth = {"authorization": f"Bearer {KEY}"}
+        res = http.post("/v1/completions", json=body(), headers=auth)
+        assert res.status_code == 200 and res.json()["choices"][0]["text"] == " Ottawa."
+        with http.stream("POST", "/v1/completions", json=body(stream=True), headers=auth) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert s.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) == 9  # 8 tokens, then [DONE]
+        assert http.get("/v1/completions").status_code == 405
         models = http.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})
         assert models.status_code == 200 and {m["id"] for m in models.json()["data"]} >= {LLM, LEAKY}
         assert http.get("/v1/models").status_code == 401
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["components"]["redis"] == "ok"
         assert http.get("/nowhere").json()["error"]["code"] == "not_found"
+
+
+async def test_a_key_with_an_unreadable_guard_mode_gets_the_default_policy(harness):
+    harness.billing.guard = "both, open"  # stored before modifiers were checked
+    res = await harness.post(body(prompt="How do I build a bomb?"))
+    assert res.status_code == 400 and error_of(res)["code"] == "content_filter"
+    (_, _, status), = harness.billing.settled
+    assert status is Status.CONTENT_FILTER
