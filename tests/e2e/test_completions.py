@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 
 from tests.support import MODEL
@@ -148,8 +149,12 @@ def test_logit_bias_steers_away(client, tokenizer):
 
 def test_penalties_and_user_are_accepted(client):
     res = client.completions.create(model=MODEL, prompt=CANADA, max_tokens=3, presence_penalty=0.5,
-                                    frequency_penalty=0.5, top_p=0.9, user="end-user-7")
-    assert res.choices[0].finish_reason in ("stop", "length")
+                                    frequency_penalty=0.5, top_p=0.9, user="end-user-7",
+                                    extra_body={"ignore_eos": True})
+    assert res.choices[0].finish_reason == "length" and res.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError) as err:  # the fields are validated, not ignored
+        client.completions.create(model=MODEL, prompt=CANADA, max_tokens=3, presence_penalty=2.5)
+    assert err.value.body["param"] == "presence_penalty"
 
 
 def test_models_lists_the_dev_model(client):

@@ -70,8 +70,9 @@ def test_output_moderation_streamed_ends_with_content_filter(guarded):
 
 
 def test_policy_off_lets_everything_through(guarded):
-    res = guarded("off").completions.create(model=MODEL, prompt=UNSAFE, max_tokens=2)
-    assert res.choices[0].finish_reason in ("stop", "length")
+    """The same prompt that the input guard refuses (test above) is served when the key's policy is off."""
+    res = guarded("off").completions.create(model=MODEL, prompt=UNSAFE, max_tokens=2, extra_body={"ignore_eos": True})
+    assert res.choices[0].finish_reason == "length" and res.usage.completion_tokens == 2
 
 
 def test_blocked_prompt_is_not_charged(stack, make_customer, r):
