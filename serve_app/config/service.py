@@ -17,6 +17,7 @@ from deployments.sim_engine import SimConfig
 from serve_app.config.paths import DEV_SCHEME, SIM_SCHEME, model_path
 from serve_app.money import units
 from serve_app.safety.policy import GuardMode
+
 RESERVED_ENGINE_ARGS = {"model", "served_model_name", "max_model_len", "tokenizer"}
 
 
