@@ -36,10 +36,10 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        from serve_app.ops.launcher import redis_command  # the same durability as `qbt serve`'s Redis
+
+        self.proc = subprocess.Popen(redis_command(shutil.which("redis-server"), self.port, self.data_dir),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         import redis
 
         deadline = time.monotonic() + 20
@@ -58,6 +58,12 @@ class RedisServer:
 
     def restart(self) -> None:
         self.stop()
+        self.start()
+
+    def crash_and_restart(self) -> None:
+        """kill -9, then start again from the append-only file."""
+        self.proc.kill()
+        self.proc.wait(timeout=20)
         self.start()
 
 

@@ -1,11 +1,49 @@
-"""Accounts and keys, as the operator manages them from the CLI (synchronous Redis)."""
+"""Accounts and keys, as the operator manages them from the CLI (synchronous Redis). Every write is one script, so
+a crash or a dropped connection never leaves half an account or a key outside its account; a top-up carries an
+idempotency key, so that a retried top-up credits once."""
 
 from __future__ import annotations
 
 import time
 
-from serve_app.money import keys, keyspace, units
+from serve_app.money import keys, keyspace, lua, units
 from serve_app.safety.policy import GuardPolicy
+
+IDEMPOTENCY_TTL_S = 7 * 86400  # a top-up retried within a week with the same key credits once
+
+CREATE_ACCOUNT_LUA = lua.script("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'balance', ARGV[1], 'reserved', 0, 'spent', 0, 'requests', 0, 'prompt_tokens', 0,
+  'completion_tokens', 0, 'created_ms', ARGV[2])
+return 1
+""")
+
+CREATE_KEY_LUA = lua.script("""
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+""")
+
+TOPUP_LUA = lua.script("""
+if KEYS[2] ~= '' then
+  local prior = redis.call('GET', KEYS[2])
+  if prior then
+    if prior ~= ARGV[1] then return {'conflict', prior} end
+    return {'replay', prior}
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'no_account', 0} end
+redis.call('HINCRBY', KEYS[1], 'balance', ARGV[1])
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) end
+return {'ok', ARGV[1]}
+""")
+
+REVOKE_LUA = lua.script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'revoked', '1')
+return 1
+""")
 
 
 class AccountError(Exception):
@@ -18,11 +56,8 @@ def create_account(r, name: str, credits_usd: str = "0") -> dict:
     micros = units.usd_to_micros(credits_usd)
     if micros < 0:
         raise AccountError("credits cannot be negative")
-    created = r.hsetnx(keyspace.account_record(name), "balance", micros)
-    if not created:
+    if not r.eval(CREATE_ACCOUNT_LUA, 1, keyspace.account_record(name), micros, int(time.time() * 1000)):
         raise AccountError(f"account {name!r} already exists")
-    r.hset(keyspace.account_record(name), mapping={"reserved": 0, "spent": 0, "requests": 0, "prompt_tokens": 0,
-                                                 "completion_tokens": 0, "created_ms": int(time.time() * 1000)})
     return show_account(r, name)
 
 
@@ -32,12 +67,20 @@ def ensure_account(r, name: str, credits_usd: str) -> dict:
     return show_account(r, name)
 
 
-def topup(r, name: str, usd: str) -> dict:
+def topup(r, name: str, usd: str, idempotency_key: str | None = None) -> dict:
+    """Credits the account once per idempotency key: a retry with the same key and amount changes nothing."""
     micros = units.usd_to_micros(usd)
     if micros <= 0:
         raise AccountError("a top-up must be positive")
-    _require(r, name)
-    r.hincrby(keyspace.account_record(name), "balance", micros)
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 128:
+        raise AccountError("an idempotency key has 1 to 128 characters")
+    marker = keyspace.topup_idempotency(name, idempotency_key) if idempotency_key else ""
+    verdict, value = r.eval(TOPUP_LUA, 2, keyspace.account_record(name), marker, micros, IDEMPOTENCY_TTL_S)
+    if verdict == "no_account":
+        raise AccountError(f"no account named {name!r}")
+    if verdict == "conflict":
+        raise AccountError(f"idempotency key {idempotency_key!r} was used for a top-up of "
+                           f"${units.micros_to_usd(value)}, not ${units.micros_to_usd(micros)}")
     return show_account(r, name)
 
 
@@ -68,17 +111,17 @@ def create_key(r, account: str, rpm: int | None = None, tpm: int | None = None,
     if guard is not None:
         GuardPolicy.parse(guard, GuardPolicy())  # refuses an unknown mode before it is stored
         fields["guard"] = guard
-    r.hset(keyspace.key_record(digest), mapping=fields)
-    r.sadd(keyspace.account_keys(account), digest)
+    flat = [x for item in fields.items() for x in item]
+    if not r.eval(CREATE_KEY_LUA, 3, keyspace.key_record(digest), keyspace.account_record(account),
+                  keyspace.account_keys(account), digest, *flat):
+        raise AccountError(f"no account named {account!r}")
     return key, kid
 
 
 def revoke_key(r, key: str) -> str:
     digest = keys.key_hash(key.strip())
-    record = keyspace.key_record(digest)
-    if not r.exists(record):
+    if not r.eval(REVOKE_LUA, 1, keyspace.key_record(digest)):
         raise AccountError("no such key")
-    r.hset(record, "revoked", "1")
     return keys.key_id(digest)
 
 

@@ -4,7 +4,7 @@ The script is idempotent per completion id (a replay returns the stored reply), 
 dropped connection without reserving twice. Time is Redis's own clock, so limits do not depend on the clocks of the
 ingress hosts or on the order in which concurrent scripts run. The script also reconciles a few expired reservations
 on each call (left by an ingress that died mid-request), so that no reservation stays stuck without a separate
-sweeper process. Everything happens in one Lua script, so any number of ingress replicas stay exact.
+sweeper process; a corrupt one is set aside, never read half-way, so it cannot block admission for anyone. Everything happens in one Lua script, so any number of ingress replicas stay exact.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ ADMIT_LUA = lua.script(lua.CLOCK, lua.COST, lua.ACTIVE_KEY, lua.RESERVATION, lua
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, $batch)
 for _, rid in ipairs(expired) do
   local rk = '$reservation_prefix' .. rid
-  local r = read_reservation(rk)
-  if r then
+  local r, state = read_reservation(rk)
+  if state == 'ok' then
     redis.call('HINCRBY', '$account_prefix' .. r.account, 'reserved', 0 - tonumber(r.reserved))
     ledger_row(KEYS[2], rid, r, 0, 0, 0, '$expired', now)
     redis.call('DEL', rk)
+    mark_done(rid, 'expired')
+  elseif state == 'corrupt' then
+    set_aside(rk, rid)
   end
   redis.call('ZREM', KEYS[3], rid)
 end
@@ -113,6 +116,9 @@ class Admission:
     reserved_micros: int
     limits: LimitState
     guard: str | None = None
+    model: str = ""
+    input_micros: int = 0  # the prices it was admitted at, for a settlement that arrives after reconciliation
+    output_micros: int = 0
 
 
 def unreachable(detail: str = "; requests are refused rather than served unmetered") -> ApiError:
@@ -144,7 +150,7 @@ class Admitter:
         if verdict == "ok":
             _, account, key_id, cost, *limits, guard = res
             return Admission(completion_id, request_id, account, key_id, int(cost), LimitState.from_script(limits),
-                             guard or None)
+                             guard or None, model, prices.input_micros, prices.output_micros)
         if verdict == "invalid_api_key":
             raise ApiError(Code.INVALID_API_KEY, INVALID_KEY)
         if verdict == "insufficient_funds":

@@ -36,5 +36,6 @@ class Billing:
 
     async def settle(self, admission: Admission, usage: Usage, status: Status) -> int | None:
         """Charges `usage` when the status pays (Status.charged), releases the rest; the micro-dollars charged."""
-        return await self.settler.settle(Settlement(admission.completion_id, usage.prompt_tokens,
-                                                    usage.completion_tokens, status))
+        return await self.settler.settle(Settlement(
+            admission.completion_id, usage.prompt_tokens, usage.completion_tokens, status, admission.account,
+            admission.key_id, admission.model, admission.input_micros, admission.output_micros, admission.request_id))

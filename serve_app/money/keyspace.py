@@ -12,6 +12,9 @@ RESERVATION_EXPIRY = f"{PREFIX}:rsv:expiry"
 KEY_RECORD_PREFIX = f"{PREFIX}:key:"
 ACCOUNT_PREFIX = f"{PREFIX}:acct:"
 RESERVATION_PREFIX = f"{PREFIX}:rsv:"
+CORRUPT_PREFIX = f"{PREFIX}:rsv:corrupt:"  # reservations set aside by the scripts, for the operator
+DONE_PREFIX = f"{PREFIX}:done:"  # reservations reconciled as expired, awaiting a late settlement (a day)
+STATS = f"{PREFIX}:stats"  # counters the scripts keep (corrupt_reservations)
 
 
 def redis_url(explicit: str | None = None) -> str:
@@ -28,6 +31,10 @@ def account_record(name: str) -> str:
 
 def account_keys(name: str) -> str:
     return ACCOUNT_PREFIX + name + ":keys"
+
+
+def topup_idempotency(account: str, key: str) -> str:
+    return f"{PREFIX}:topup:{account}:{key}"
 
 
 def reservation(completion_id: str) -> str:

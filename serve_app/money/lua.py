@@ -32,7 +32,7 @@ end
 """
 
 # The reservation admission writes (`reservation_args`: all fields or a script error before any write) and
-# settlement and reconciliation read (`read_reservation`), by field name.
+# settlement and reconciliation read (`read_reservation`, validating every field before any write), by field name.
 RESERVATION_FIELDS = ("account", "key_id", "reserved", "tokens", "model", "created", "keyrec", "pin", "pout", "tpm",
                       "request_id")
 RESERVATION = """
@@ -46,13 +46,35 @@ local function reservation_args(r)
   return args
 end
 
+local NUMERIC = {reserved = true, tokens = true, created = true, pin = true, pout = true, tpm = true}
+
+-- (fields, 'ok'), or (nil, 'missing') when there is no such reservation, or (nil, 'corrupt') when a field is
+-- missing or not a number: a corrupt one is set aside by the caller, never read half-way.
 local function read_reservation(rk)
   local names = {$reservation_fields}
   local values = redis.call('HMGET', rk, unpack(names))
-  if not values[1] then return nil end
-  local r = {}
-  for i, name in ipairs(names) do r[name] = values[i] end
-  return r
+  local r, found, broken = {}, false, false
+  for i, name in ipairs(names) do
+    local v = values[i]
+    if v then found = true else broken = true end
+    if v and NUMERIC[name] and not tonumber(v) then broken = true end
+    r[name] = v
+  end
+  if not found then return nil, 'missing' end
+  if broken then return nil, 'corrupt' end
+  return r, 'ok'
+end
+
+-- A corrupt reservation moves aside for the operator (`qbt:rsv:corrupt:<id>`, counted in `qbt:stats`).
+local function set_aside(rk, rid)
+  redis.call('RENAME', rk, '$corrupt_prefix' .. rid)
+  redis.call('HINCRBY', '$stats', 'corrupt_reservations', 1)
+end
+
+-- A reservation reconciled as expired leaves a marker for a day: the settlement that arrives after it charges late,
+-- once (it deletes the marker).
+local function mark_done(rid, how)
+  redis.call('SET', '$done_prefix' .. rid, how, 'EX', 86400)
 end
 """
 
@@ -74,7 +96,9 @@ def _quoted(names: tuple[str, ...]) -> str:
 
 
 SUBSTITUTIONS = {"key_fields": _quoted(KEY_FIELDS), "reservation_fields": _quoted(RESERVATION_FIELDS),
-                 "account_prefix": keyspace.ACCOUNT_PREFIX, "reservation_prefix": keyspace.RESERVATION_PREFIX}
+                 "account_prefix": keyspace.ACCOUNT_PREFIX, "reservation_prefix": keyspace.RESERVATION_PREFIX,
+                 "corrupt_prefix": keyspace.CORRUPT_PREFIX, "done_prefix": keyspace.DONE_PREFIX,
+                 "stats": keyspace.STATS}
 
 
 def script(*parts: str, **values) -> str:

@@ -1,5 +1,8 @@
 """Settlement in ONE Redis round trip: charge actual usage, release the rest of the reservation, refund unused
 token-rate, and append the ledger row (a Redis Stream), all in one Lua script. This is where money moves.
+
+A settlement that finds its reservation already reconciled as expired still charges what was produced (a late row,
+never zero); a replay finds it settled and charges nothing. Only dropped connections and timeouts are retried.
 """
 
 from __future__ import annotations
@@ -8,20 +11,36 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from redis.exceptions import ConnectionError, TimeoutError
+
 from serve_app.money import keyspace, lua
 from serve_app.money.status import Status
 
 log = logging.getLogger("qbt.settlement")
 
 SETTLE_LUA = lua.script(lua.CLOCK, lua.COST, lua.RESERVATION, lua.LEDGER_ROW, """
-local r = read_reservation(KEYS[1])
-if not r then return {'gone', 0} end
 local prompt, completion = tonumber(ARGV[2]), tonumber(ARGV[3])
-local reserved = tonumber(r.reserved)
+if not prompt or not completion then return redis.error_reply('settlement: token counts must be numbers') end
+local r, state = read_reservation(KEYS[1])
+if state == 'corrupt' then
+  set_aside(KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return {'corrupt', 0}
+end
+local reserved = 0
+if state == 'missing' then
+  -- Reconciled as expired while the request ran on: charge what it produced, late, once. Otherwise a replay.
+  if redis.call('GET', '$done_prefix' .. ARGV[1]) ~= 'expired' then return {'gone', 0} end
+  r = {account = ARGV[6], key_id = ARGV[7], model = ARGV[8], pin = ARGV[9], pout = ARGV[10],
+       request_id = ARGV[11], created = now, tpm = '0', tokens = '0', keyrec = ''}
+  if not tonumber(r.pin) or not tonumber(r.pout) then return redis.error_reply('settlement: late prices missing') end
+else
+  reserved = tonumber(r.reserved)
+end
 local cost = 0
 if ARGV[5] == '1' then
   cost = cost_micros(prompt, completion, tonumber(r.pin), tonumber(r.pout))
-  if cost > reserved then cost = reserved end
+  if state == 'ok' and cost > reserved then cost = reserved end
 end
 local acct = '$account_prefix' .. r.account
 redis.call('HINCRBY', acct, 'reserved', 0 - reserved)
@@ -31,7 +50,7 @@ redis.call('HINCRBY', acct, 'requests', 1)
 redis.call('HINCRBY', acct, 'prompt_tokens', prompt)
 redis.call('HINCRBY', acct, 'completion_tokens', completion)
 local tpm = tonumber(r.tpm) or 0
-local unused = tonumber(r.tokens) - prompt - completion
+local unused = (tonumber(r.tokens) or 0) - prompt - completion
 if tpm > 0 and unused > 0 then
   local tat = tonumber(redis.call('HGET', r.keyrec, 'tpm_tat') or '0') or 0
   redis.call('HSET', r.keyrec, 'tpm_tat', tostring(math.max(tat - unused * 60000 / tpm, now)))
@@ -39,6 +58,10 @@ end
 ledger_row(KEYS[2], ARGV[1], r, prompt, completion, cost, ARGV[4], now)
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+if state == 'missing' then
+  redis.call('DEL', '$done_prefix' .. ARGV[1])  -- charged once: a replay of this settlement finds nothing
+  return {'late', cost}
+end
 return {'ok', cost}
 """)
 
@@ -49,6 +72,16 @@ class Settlement:
     prompt_tokens: int
     completion_tokens: int
     status: Status
+    # What a late settlement (after the reservation was reconciled as expired) needs to charge on its own.
+    account: str = ""
+    key_id: str = ""
+    model: str = ""
+    input_micros: int = 0
+    output_micros: int = 0
+    request_id: str = ""
+
+
+RETRIED = (ConnectionError, TimeoutError)  # never a script error: a script that failed may have run in part
 
 
 class Settler:
@@ -60,14 +93,23 @@ class Settler:
     async def settle(self, s: Settlement) -> int | None:
         """Returns the micro-dollars charged (only endings whose status is charged pay). Retried, since the request
         was already served; if Redis stays away, the reservation expires and admission reconciles it."""
-        args = [s.completion_id, s.prompt_tokens, s.completion_tokens, s.status.value, "1" if s.status.charged else "0"]
+        args = [s.completion_id, s.prompt_tokens, s.completion_tokens, s.status.value, "1" if s.status.charged else "0",
+                s.account, s.key_id, s.model, s.input_micros, s.output_micros, s.request_id]
         keys = [keyspace.reservation(s.completion_id), keyspace.LEDGER, keyspace.RESERVATION_EXPIRY]
         for attempt in range(self.retries):
             try:
                 verdict, cost = await self._script(keys=keys, args=args)
-                return int(cost) if verdict == "ok" else None
-            except Exception as exc:
+            except RETRIED as exc:
                 log.warning("settlement of %s failed (attempt %d): %s", s.completion_id, attempt + 1, exc)
                 await asyncio.sleep(0.2 * 2**attempt)
+                continue
+            except Exception as exc:
+                log.error("settlement of %s refused by Redis, not retried: %r", s.completion_id, exc)
+                return None
+            if verdict == "late":
+                log.warning("settlement of %s arrived after its reservation expired; charged late", s.completion_id)
+            elif verdict == "corrupt":
+                log.error("the reservation of %s was corrupt and was set aside (qbt:rsv:corrupt:)", s.completion_id)
+            return int(cost) if verdict in ("ok", "late") else None
         log.error("settlement of %s abandoned; its reservation will expire", s.completion_id)
         return None

@@ -73,7 +73,7 @@ def cmd_accounts(args) -> int:
     if args.action == "create":
         _print(accounts.create_account(r, args.name, args.credits), args.json)
     elif args.action == "topup":
-        _print(accounts.topup(r, args.name, args.usd), args.json)
+        _print(accounts.topup(r, args.name, args.usd, args.idempotency_key), args.json)
     else:
         _print(accounts.show_account(r, args.name), args.json)
     return 0
@@ -142,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
     t = a.add_parser("topup")
     t.add_argument("name")
     t.add_argument("usd")
+    t.add_argument("--idempotency-key", default=None, help="a retry with the same key credits once (kept 7 days)")
     sh = a.add_parser("show")
     sh.add_argument("name")
     for x in (c, t, sh):

@@ -1,6 +1,6 @@
 """`qbt serve`: the whole local stack in one process tree, and nothing left behind when it stops.
 
-Builds missing dev models, starts Redis if `REDIS_URL` does not answer (append-only file on), starts Ray, deploys
+Builds missing dev models, starts Redis if `REDIS_URL` does not answer (append-only file, fsynced on every write), starts Ray, deploys
 the Serve config and waits for `/health`. The launcher makes itself a child subreaper, so that processes orphaned
 under it (vLLM engine cores of killed replicas) are re-parented to it and stopped by process id on exit.
 """
@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +28,8 @@ from serve_app.money import accounts, keys, keyspace
 from serve_app.money.admission import key_is_active
 
 PR_SET_CHILD_SUBREAPER = 36
+STOP_BUDGET_S = 30  # a stop, however many signals arrive, finishes within this
+SERVE_DRAIN_S = 10
 DEV_ACCOUNT, DEV_CREDITS = "dev", "100"
 
 
@@ -48,6 +51,13 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def redis_command(binary: str, port: int, data_dir: Path) -> list[str]:
+    """Money in Redis is acknowledged only once on disk: the append-only file is fsynced on every write, so a
+    crash (even kill -9) loses no acknowledged settlement, top-up or revocation."""
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--appendonly", "yes",
+            "--appendfsync", "always", "--save", "", "--daemonize", "no"]
+
+
 def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -56,10 +66,8 @@ def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
     port = urlparse(url).port or 6379
     data_dir.mkdir(parents=True, exist_ok=True)
     say(f"starting redis-server on 127.0.0.1:{port} (data in {data_dir}, append-only file on)")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--appendonly", "yes",
-         "--appendfsync", "everysec", "--save", "", "--daemonize", "no", "--logfile", str(data_dir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(redis_command(binary, port, data_dir) + ["--logfile", str(data_dir / "redis.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     for _ in range(100):
         if redis_answers(url):
             return proc
@@ -118,6 +126,13 @@ def _fail_if_deploy_failed() -> None:
         raise SystemExit(f"the deployment failed; fix the cause and run again:\n{failure}")
 
 
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception as exc:
+        say(f"{getattr(fn, '__name__', fn)}: {exc}")
+
+
 def stop_descendants(grace_s: float = 10) -> None:
     me = psutil.Process()
     procs = me.children(recursive=True)
@@ -132,7 +147,7 @@ def stop_descendants(grace_s: float = 10) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=5)
+    psutil.wait_procs(alive, timeout=3)
 
 
 def serve_forever(config_path: Path, port: int | None, redis_url: str | None, run_dir: Path,
@@ -145,6 +160,9 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
     stopping = {"flag": False}
 
     def on_signal(signum, frame):
+        if stopping["flag"]:  # a second Ctrl-C or a supervisor's SIGTERM: the cleanup under way goes on
+            say(f"{signal.Signals(signum).name} while stopping: the cleanup continues (at most {STOP_BUDGET_S}s)")
+            return
         stopping["flag"] = True
         raise KeyboardInterrupt
 
@@ -230,22 +248,26 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) ->
         serve._run(build_app(args), name=app["name"], route_prefix=app.get("route_prefix", "/"), _blocking=False)
 
 def shutdown(redis_proc: subprocess.Popen | None) -> None:
+    """Within STOP_BUDGET_S: Serve is given a few seconds to drain, then Ray stops, then Redis (its AOF is written
+    on every write), then whatever is left of the process tree is terminated and killed, by process id."""
     import ray
 
+    started = time.monotonic()
     if ray.is_initialized():
-        try:
-            from ray import serve
+        from ray import serve
 
-            serve.shutdown()
-        except Exception as exc:
-            say(f"serve shutdown: {exc}")
-        ray.shutdown()
+        drain = threading.Thread(target=_quietly, args=(serve.shutdown,), daemon=True)
+        drain.start()
+        drain.join(SERVE_DRAIN_S)
+        if drain.is_alive():
+            say(f"Serve did not stop within {SERVE_DRAIN_S}s; stopping its processes")
+        _quietly(ray.shutdown)
     if redis_proc is not None and redis_proc.poll() is None:
         redis_proc.terminate()
         try:
-            redis_proc.wait(timeout=10)
+            redis_proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             redis_proc.kill()
-    stop_descendants()
+    stop_descendants(grace_s=max(1.0, STOP_BUDGET_S - 8 - (time.monotonic() - started)))
     say("stopped; no process left running")
     sys.stdout.flush()

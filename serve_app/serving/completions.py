@@ -200,6 +200,16 @@ class CompletionPath:
         yield DONE
 
     async def _settle(self, call: Call, outcome: Outcome) -> None:
+        """Settles in a task of its own: cancelling the request (the client gone mid-settlement) cannot stop it."""
+        await asyncio.shield(self._settlement(call, outcome))
+
+    def _settlement(self, call: Call, outcome: Outcome) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self._settle_now(call, outcome))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _settle_now(self, call: Call, outcome: Outcome) -> None:
         usage = outcome.usage
         if call.gen_span is not None:
             call.gen_span.set_attribute("qbt.completion_tokens", usage.completion_tokens)
@@ -216,9 +226,7 @@ class CompletionPath:
         cannot skip the ledger."""
         outcome.status = Status.DISCONNECTED
         call.screening.cancel()
-        task = asyncio.get_running_loop().create_task(self._settle(call, outcome))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._settlement(call, outcome)
 
 
 def generation_request(completion_id: str, req: CompletionRequest, prompts: Prompts) -> GenerationRequest:

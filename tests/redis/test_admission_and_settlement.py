@@ -219,3 +219,101 @@ async def test_reservations_hold_exactly_the_fields_settlement_reads(r, replicas
     a = await admit(replicas[0][0], kh)
     stored = r.hgetall(keyspace.reservation(a.completion_id))
     assert set(stored) == set(lua.RESERVATION_FIELDS) | {"reply"}
+
+
+async def test_a_corrupt_reservation_is_set_aside_and_never_blocks_admission(r, redis_server):
+    name, kh = customer(r, credits="1")
+    short = Admitter(keyspace.async_client(redis_server.url), 0, 0, reservation_ttl_s=0.05)
+    broken = await admit(short, kh)
+    r.hdel(keyspace.reservation(broken.completion_id), "pin")  # a reservation missing a field
+    before = int(r.hget(keyspace.STATS, "corrupt_reservations") or 0)
+    await asyncio.sleep(0.1)
+    for _ in range(3):  # every later admission, for this account or any other, still works
+        await admit(short, kh)
+    assert r.exists(keyspace.CORRUPT_PREFIX + broken.completion_id)
+    assert not r.exists(keyspace.reservation(broken.completion_id))
+    assert int(r.hget(keyspace.STATS, "corrupt_reservations")) == before + 1
+
+
+async def test_settling_a_corrupt_reservation_moves_it_aside_and_writes_nothing(r, replicas):
+    name, kh = customer(r, credits="1")
+    admitter, ledger = replicas[0]
+    a = await admit(admitter, kh)
+    r.hset(keyspace.reservation(a.completion_id), "reserved", "lots")
+    assert await ledger.settle(Settlement(a.completion_id, 6, 3, Status.OK)) is None
+    assert r.exists(keyspace.CORRUPT_PREFIX + a.completion_id) and list(ledger_rows(r, name)) == []
+    assert int(r.hget(keyspace.account_record(name), "balance")) == 1_000_000
+
+
+async def test_a_settlement_after_expiry_charges_what_was_produced_once(r, redis_server):
+    name, kh = customer(r, credits="1")
+    client = keyspace.async_client(redis_server.url)
+    short, settler = Admitter(client, 0, 0, reservation_ttl_s=0.05), Settler(client)
+    slow = await admit(short, kh)  # a request that outlives its reservation
+    await asyncio.sleep(0.1)
+    await admit(short, kh)  # reconciles it as expired, releasing its funds
+    late = Settlement(slow.completion_id, 6, 16, Status.OK, slow.account, slow.key_id, slow.model,
+                      PRICES.input_micros, PRICES.output_micros, slow.request_id)
+    assert await settler.settle(late) == 27
+    assert await settler.settle(late) is None  # a replay charges nothing
+    rows = [row for row in ledger_rows(r, name) if row["completion_id"] == slow.completion_id]
+    assert [(row["status"], row["cost_micros"]) for row in rows] == [("expired", 0), ("ok", 27)]
+    acct = r.hgetall(keyspace.account_record(name))
+    assert int(acct["balance"]) == 1_000_000 - 27 and int(acct["spent"]) == 27
+
+
+async def test_settlement_retries_dropped_connections_but_never_script_errors():
+    from redis.exceptions import ConnectionError, ResponseError
+
+    class Flaky:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def register_script(self, _):
+            async def run(keys, args):
+                self.calls += 1
+                if self.errors:
+                    raise self.errors.pop(0)
+                return ["ok", 8]
+            return run
+
+    dropped = Flaky([ConnectionError("reset")])
+    assert await Settler(dropped).settle(Settlement("c", 6, 3, Status.OK)) == 8 and dropped.calls == 2
+    failed = Flaky([ResponseError("ERR script failed")])
+    assert await Settler(failed).settle(Settlement("c", 6, 3, Status.OK)) is None and failed.calls == 1
+
+
+def test_operator_writes_are_whole_and_a_retried_topup_credits_once(r):
+    name, _ = customer(r, credits="1")
+    accounts.topup(r, name, "2.50", idempotency_key="inv-42")
+    accounts.topup(r, name, "2.50", idempotency_key="inv-42")  # the retry
+    assert accounts.show_account(r, name)["balance_usd"] == "3.500000"
+    with pytest.raises(accounts.AccountError, match="was used for a top-up"):
+        accounts.topup(r, name, "9", idempotency_key="inv-42")
+    accounts.topup(r, name, "0.5")  # without a key, every call credits
+    assert accounts.show_account(r, name)["balance_usd"] == "4.000000"
+    with pytest.raises(accounts.AccountError):
+        accounts.topup(r, "no-such-" + name, "1", idempotency_key="x")
+    assert not r.exists(keyspace.topup_idempotency("no-such-" + name, "x"))
+    with pytest.raises(accounts.AccountError):
+        accounts.create_key(r, "no-such-" + name)
+    assert set(r.hgetall(keyspace.account_record(name))) >= {"balance", "reserved", "spent", "created_ms"}
+
+
+async def test_acknowledged_money_writes_survive_kill_9(r, redis_server):
+    name, kh = customer(r, credits="1")
+    client = keyspace.async_client(redis_server.url)
+    admitter, settler = Admitter(client, 0, 0, 900), Settler(client)
+    a = await admit(admitter, kh)
+    assert await settler.settle(Settlement(a.completion_id, 6, 16, Status.OK)) == 27
+    accounts.topup(r, name, "0.25", idempotency_key="t-1")
+    key_name, key = "k-" + uuid.uuid4().hex[:6], None
+    accounts.create_account(r, key_name, "1")
+    key, _ = accounts.create_key(r, key_name)
+    accounts.revoke_key(r, key)
+    redis_server.crash_and_restart()
+    fresh = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    assert accounts.show_account(fresh, name)["balance_usd"] == "1.249973"
+    assert [row["cost_micros"] for row in ledger_rows(fresh, name)] == [27]
+    assert not key_is_active(fresh, keys.key_hash(key))
+    await client.aclose()

@@ -191,3 +191,21 @@ async def test_a_key_with_an_unreadable_guard_mode_gets_the_default_policy(harne
     assert res.status_code == 400 and error_of(res)["code"] == "content_filter"
     (_, _, status), = harness.billing.settled
     assert status is Status.CONTENT_FILTER
+
+
+async def test_the_final_settlement_survives_the_request_being_cancelled(harness):
+    entered, release = asyncio.Event(), asyncio.Event()
+    settle = harness.billing.settle
+
+    async def slow_settle(*args):
+        entered.set()
+        await release.wait()
+        return await settle(*args)
+
+    harness.billing.settle = slow_settle
+    request = asyncio.create_task(harness.post(body()))
+    await asyncio.wait_for(entered.wait(), 5)  # served; the path now waits on the settlement
+    request.cancel()
+    release.set()
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.OK and usage.completion_tokens == 8
