@@ -14,7 +14,7 @@ import pytest
 from serve_app.config.artefacts import serve_config_path
 from serve_app.money import keyspace
 from tests.stack import start_stack
-from tests.support import wait_for_rows
+from tests.support import lua_cost, wait_for_rows
 
 pytestmark = pytest.mark.cluster
 MODEL = "qbt-sim-llm"
@@ -47,8 +47,10 @@ def test_sim_model_streams_through_serve(sim_stack, customer, r):
 def test_replica_death_mid_stream_is_in_band_and_the_replica_comes_back(sim_stack, customer, r):
     lines = stream(sim_stack, customer.key, "[[sim fault=die after=5]] Once upon a time")
     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "upstream_error"
+    delivered = sum(len(c["text"]) for line in lines[:-2] for c in json.loads(line[6:])["choices"])
     (row,) = wait_for_rows(r, customer.account, 1)
-    assert row["status"] == "upstream_error" and row["cost_micros"] == 0
+    assert row["status"] == "interrupted" and row["completion_tokens"] == delivered == 5  # what the client got
+    assert row["cost_micros"] == lua_cost(r, row["prompt_tokens"], 5, 500_000, 1_500_000)
     assert int(r.hget(keyspace.account_record(customer.account), "reserved")) == 0
     deadline = time.monotonic() + 120
     while True:

@@ -1,5 +1,6 @@
-"""The model replica dies under load: in-flight requests get `upstream_error` (in-band once streaming), nothing is
-charged for them, and service recovers when Serve restarts the replica. Marked disruptive: it kills parts of the shared stack, so it runs after the other e2e tests."""
+"""The model replica dies under load: in-flight requests get `upstream_error` (in-band once streaming), a stream pays
+only for the text it received and a request that received nothing pays nothing, and service recovers when Serve
+restarts the replica. Marked disruptive: it kills parts of the shared stack, so it runs after the other e2e tests."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import psutil
 import pytest
 
 from serve_app.money import keyspace
-from tests.support import MODEL
-from tests.support import wait_for_rows
+from tests.support import MODEL, lua_cost, wait_for_rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
 # 8 prompts x 4 choices x 500 tokens: several seconds of work on the dev model, so the kill lands mid-way.
@@ -69,8 +69,12 @@ def test_replica_death_is_upstream_error_and_service_recovers(stack, customer, r
         assert ns.json()["error"]["code"] == "upstream_error"
 
     rows = wait_for_rows(r, customer.account, 2)
+    (streamed,) = [row for row in rows if row["status"] == "interrupted"]  # pays for the text it received
+    assert streamed["completion_tokens"] >= 1
+    assert streamed["cost_micros"] == lua_cost(r, streamed["prompt_tokens"], streamed["completion_tokens"],
+                                               500_000, 1_500_000)
     failed = [row for row in rows if row["status"] == "upstream_error"]
-    assert len(failed) == (2 if ns.status_code == 502 else 1)
+    assert len(failed) == (1 if ns.status_code == 502 else 0)
     assert all(row["cost_micros"] == 0 for row in failed)
     assert int(r.hget(keyspace.account_record(customer.account), "reserved")) == 0
 

@@ -67,7 +67,8 @@ async def test_a_replica_death_leaves_a_ledger_row_and_no_reservation(harness, p
     got = events([c async for c in res.body_iterator])
     assert got[-2]["error"]["code"] == "upstream_error"
     (row,) = await asyncio.to_thread(wait_for_rows, r, name, 1)
-    assert row["status"] == "upstream_error" and row["completion_tokens"] == 3
+    assert row["status"] == "interrupted" and row["completion_tokens"] == 3  # what the client received
+    assert row["cost_micros"] == lua_cost(r, row["prompt_tokens"], 3, IN, OUT)
     assert_books_balance(r, name, [row])
 
 

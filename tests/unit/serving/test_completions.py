@@ -141,14 +141,14 @@ async def test_a_cancelled_request_is_settled_as_disconnected(harness):
     assert status is Status.DISCONNECTED and usage.completion_tokens >= 1
 
 
-async def test_a_replica_dying_mid_stream_is_an_in_band_error_and_settles_what_was_delivered(harness):
+async def test_a_replica_dying_mid_stream_is_an_in_band_error_and_charges_what_was_delivered(harness):
     res = await harness.post(body(prompt="[[sim fault=die after=5]] Once upon a time", max_tokens=50, stream=True))
     assert res.status_code == 200
     got = await read_all(res)
     assert got[-1] == "[DONE]" and got[-2]["error"]["code"] == "upstream_error"
     delivered = sum(len(c["text"]) for chunk in got[:-2] for c in chunk["choices"])
     _, usage, status = await harness.billing.one_settlement()
-    assert status is Status.UPSTREAM_ERROR and usage.completion_tokens == delivered == 5
+    assert status is Status.INTERRUPTED and status.charged and usage.completion_tokens == delivered == 5
 
 
 async def test_failures_before_the_first_byte_are_plain_http_errors(harness):
