@@ -7,6 +7,7 @@ from deployments.wire import Usage
 from serve_app.api.protocol import CompletionRequest
 from serve_app.money import keys
 from serve_app.money.admission import Admission, Admitter, PriceRates
+from serve_app.money.leases import Leases
 from serve_app.money.settlement import Settlement, Settler
 from serve_app.money.status import Status
 
@@ -17,13 +18,15 @@ def completion_budget(req: CompletionRequest, prompts: int) -> int:
 
 
 class Billing:
-    def __init__(self, admitter: Admitter, settler: Settler):
+    def __init__(self, admitter: Admitter, settler: Settler, leases: Leases):
         self.admitter = admitter
         self.settler = settler
+        self.leases = leases
 
     @classmethod
     def on(cls, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float) -> Billing:
-        return cls(Admitter(redis, default_rpm, default_tpm, reservation_ttl_s), Settler(redis))
+        return cls(Admitter(redis, default_rpm, default_tpm, reservation_ttl_s), Settler(redis),
+                   Leases(redis, reservation_ttl_s))
 
     async def authenticate(self, key: str) -> str:
         return await self.admitter.authenticate(keys.key_hash(key))
@@ -31,11 +34,18 @@ class Billing:
     async def admit(self, key: str, completion_id: str, request_id: str, model: str, prices: PriceRates,
                     req: CompletionRequest, prompt_ids: list[list[int]]) -> Admission:
         """Authenticates, applies the key's rate limits and reserves the worst-case cost, in one Redis trip."""
-        return await self.admitter.admit(keys.key_hash(key), completion_id, request_id, model, prices,
-                                         sum(len(p) for p in prompt_ids), completion_budget(req, len(prompt_ids)))
+        admission = await self.admitter.admit(keys.key_hash(key), completion_id, request_id, model, prices,
+                                              sum(len(p) for p in prompt_ids),
+                                              completion_budget(req, len(prompt_ids)))
+        self.leases.hold(completion_id)  # renewed while the request runs
+        return admission
 
     async def settle(self, admission: Admission, usage: Usage, status: Status) -> int | None:
         """Charges `usage` when the status pays (Status.charged), releases the rest; the micro-dollars charged."""
-        return await self.settler.settle(Settlement(
-            admission.completion_id, usage.prompt_tokens, usage.completion_tokens, status, admission.account,
-            admission.key_id, admission.model, admission.input_micros, admission.output_micros, admission.request_id))
+        try:
+            return await self.settler.settle(Settlement(
+                admission.completion_id, usage.prompt_tokens, usage.completion_tokens, status, admission.account,
+                admission.key_id, admission.model, admission.input_micros, admission.output_micros,
+                admission.request_id))
+        finally:
+            self.leases.release(admission.completion_id)

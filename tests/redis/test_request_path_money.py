@@ -79,3 +79,30 @@ async def test_insufficient_funds_is_402_and_moves_nothing(harness, r):
     res = await harness.post({"model": LLM, "prompt": PROMPT, "max_tokens": 100}, key=key)
     assert res.status_code == 402 and json.loads(res.body)["error"]["code"] == "insufficient_funds"
     assert r.hgetall(keyspace.account_record(name))["balance"] == "10"
+
+
+async def test_a_request_longer_than_its_reservation_keeps_it_and_pays_in_full(redis_server, paying, r):
+    """Reservations live 0.3 s here; a stream of about a second keeps its own alive while other admissions (which
+    reconcile expired reservations) run beside it, so it is never released early or served free."""
+    name, key = paying
+    client = keyspace.async_client(redis_server.url)
+    h = await start_harness(Billing.on(client, 0, 0, 0.3))
+    try:
+        long = await h.post({"model": LLM, "prompt": PROMPT, "max_tokens": 400, "stream": True}, key=key)
+        reader = asyncio.create_task(_drain(long))
+        for _ in range(4):
+            await asyncio.sleep(0.25)
+            assert (await h.post({"model": LLM, "prompt": PROMPT, "max_tokens": 1}, key=key)).status_code == 200
+        assert (await asyncio.wait_for(reader, 30))[-1] == "[DONE]"
+        rows = await asyncio.to_thread(wait_for_rows, r, name, 5)
+        assert [row["status"] for row in rows].count("expired") == 0
+        (full,) = [row for row in rows if row["completion_tokens"] == 400]
+        assert full["status"] == "ok" and full["cost_micros"] == lua_cost(r, len(PROMPT), 400, IN, OUT)
+        assert_books_balance(r, name, rows)
+    finally:
+        stop_harness(h)
+        await client.aclose()
+
+
+async def _drain(response) -> list:
+    return events([c async for c in response.body_iterator])
