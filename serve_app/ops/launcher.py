@@ -182,6 +182,9 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
         http = serve_config.get("http_options", {})
         port = port or int(http.get("port", 8000))
         deploy(serve_config, url, http.get("host", "127.0.0.1"), port, num_cpus)
+        # ray.init installs Ray's own SIGTERM handler, which ends the process on the spot, skipping the cleanup.
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
         wait_healthy(port, startup_timeout_s, _fail_if_deploy_failed)
         say(f"ready on http://127.0.0.1:{port}  dev key: {key}")
         say(f"try: curl http://127.0.0.1:{port}/v1/completions -H 'Authorization: Bearer {key}' "

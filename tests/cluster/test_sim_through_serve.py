@@ -82,8 +82,8 @@ def test_the_sim_guard_refuses_through_serve(sim_stack, make_customer):
 
 
 def test_stop_under_repeated_signals_finishes_and_leaves_nothing(sim_stack):
-    """Ctrl-C, then a supervisor's SIGTERM and another Ctrl-C during the shutdown: the cleanup goes on to the end.
-    Runs last in this module: it stops the module's stack."""
+    """A supervisor's SIGTERM (Ray's own handler would end the launcher on the spot), then Ctrl-C and SIGTERM again
+    during the shutdown: the cleanup goes on to the end. Runs last in this module: it stops the module's stack."""
     import signal
 
     import psutil
@@ -91,14 +91,14 @@ def test_stop_under_repeated_signals_finishes_and_leaves_nothing(sim_stack):
     started = sim_stack.descendants()
     assert started
     t0 = time.monotonic()
-    sim_stack.proc.send_signal(signal.SIGINT)
-    time.sleep(1)
     sim_stack.proc.send_signal(signal.SIGTERM)
     time.sleep(1)
     sim_stack.proc.send_signal(signal.SIGINT)
-    sim_stack.proc.wait(timeout=60)
+    time.sleep(1)
+    sim_stack.proc.send_signal(signal.SIGTERM)
+    assert sim_stack.proc.wait(timeout=60) == 0
     took = time.monotonic() - t0
     left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [(p.pid, p.name()) for p in left]
-    assert took < 30 + 5, f"stopping took {took:.0f}s"  # the launcher's 30 s budget, plus process exit
+    assert took < 30, f"stopping took {took:.0f}s"
     assert "the cleanup continues" in sim_stack.log_path.read_text()
