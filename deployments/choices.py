@@ -82,6 +82,11 @@ def merge_fragments(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [merged[i] for i in sorted(merged)]
 
 
+def echo_text(prompt_text: str | None, prompt_ids: Sequence[int], tokenizer) -> str:
+    """What `echo` prepends: the prompt as sent, or token-id prompts decoded."""
+    return prompt_text if prompt_text is not None else tokenizer.decode(prompt_ids, skip_special_tokens=True)
+
+
 def finish_reason(engine_reason: str | None) -> str | None:
     """Maps vLLM's finish reason; an aborted sequence is not a finish the client may see as success."""
     if engine_reason is None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from deployments.choices import (ChoiceCursor, finish_reason, logprobs_block, mean_logprob, merge_fragments,
+from deployments.choices import (ChoiceCursor, echo_text, finish_reason, logprobs_block, mean_logprob, merge_fragments,
                                  merge_logprobs)
 from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
 
@@ -84,10 +84,7 @@ class Engine:
         usage.completion_tokens += len(token_ids)
         logprobs = None
         if req.echo and not cursor.started:
-            prompt_text = req.prompt_texts[prompt_idx]
-            if prompt_text is None:
-                prompt_text = self._tokenizer.decode(req.prompts[prompt_idx], skip_special_tokens=True)
-            text = prompt_text + text
+            text = echo_text(req.prompt_texts[prompt_idx], req.prompts[prompt_idx], self._tokenizer) + text
             if req.logprobs is not None and prompt_logprobs is not None:
                 logprobs = logprobs_block(cursor, req.prompts[prompt_idx], prompt_logprobs, req.logprobs,
                                           self._decode)

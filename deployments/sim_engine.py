@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.choices import ChoiceCursor, logprobs_block, merge_fragments, merge_logprobs
+from deployments.choices import ChoiceCursor, echo_text, logprobs_block, merge_fragments, merge_logprobs
 from deployments.sim_tokenizer import sim_tokenizer
 from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
 
@@ -196,14 +196,15 @@ class SimEngine:
         fault = override.get("fault", self.config.fault)
         after = override.get("fault_after_tokens", self.config.fault_after_tokens)
         scripts = [self._script(req, i) for i in range(len(req.prompts))]
-        chunk = max(s.length for s in scripts) if self.config.unsafe_words else self.config.tokens_per_step
+        longest = max(s.length for s in scripts)
+        chunk = longest if self.config.unsafe_words else self.config.tokens_per_step
         cursors = [(i, ChoiceCursor(index=i * per_prompt + j)) for i in range(len(req.prompts))
                    for j in range(per_prompt)]
         usage = Usage(prompt_tokens=req.prompt_tokens)
         pos = 0
         while True:
             await self._fault_point(fault, after, usage.completion_tokens, closed)
-            if pos and pos >= max(s.length for s in scripts):
+            if pos and pos >= longest:
                 return
             await clock.tick(slow=fault is Fault.SLOW and usage.completion_tokens >= after)
             fragments = [self._fragment(req, cursor, i, scripts[i], pos, pos + chunk, usage)
@@ -258,10 +259,7 @@ class SimEngine:
         usage.completion_tokens += len(ids)
         text, logprobs = "".join(pieces), None
         if req.echo and not cursor.started:
-            prompt_text = req.prompt_texts[prompt_idx]
-            if prompt_text is None:
-                prompt_text = self._tokenizer.decode(req.prompts[prompt_idx], skip_special_tokens=True)
-            text = prompt_text + text
+            text = echo_text(req.prompt_texts[prompt_idx], req.prompts[prompt_idx], self._tokenizer) + text
             if req.logprobs is not None:
                 prompt = req.prompts[prompt_idx]
                 positions = [None] + [{t: _Logprob(SIM_LOGPROB, 1, None)} for t in prompt[1:]]

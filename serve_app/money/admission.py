@@ -31,7 +31,7 @@ for _, rid in ipairs(expired) do
     redis.call('HINCRBY', '$account_prefix' .. r.account, 'reserved', 0 - tonumber(r.reserved))
     ledger_row(KEYS[2], rid, r, 0, 0, 0, '$expired', now)
     redis.call('DEL', rk)
-    mark_done(rid, 'expired')
+    mark_expired(rid)
   elseif state == 'corrupt' then
     set_aside(rk, rid)
   end

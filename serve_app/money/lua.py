@@ -73,8 +73,8 @@ end
 
 -- A reservation reconciled as expired leaves a marker for a day: the settlement that arrives after it charges late,
 -- once (it deletes the marker).
-local function mark_done(rid, how)
-  redis.call('SET', '$done_prefix' .. rid, how, 'EX', 86400)
+local function mark_expired(rid)
+  redis.call('SET', '$done_prefix' .. rid, 'expired', 'EX', 86400)
 end
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deployments.choices import echo_text
 from serve_app.api.errors import invalid
 from serve_app.api.protocol import MAX_CHOICES, MAX_PROMPTS, CompletionRequest
 from serve_app.config.service import ModelSpec
@@ -59,8 +60,7 @@ def tokenize(req: CompletionRequest, spec: ModelSpec, tokenizer) -> Prompts:
 
 def prompt_texts(prompts: Prompts, tokenizer) -> list[str]:
     """What the guard reads: the prompt text, or token-id prompts decoded."""
-    return [t if t is not None else tokenizer.decode(ids, skip_special_tokens=True)
-            for t, ids in zip(prompts.texts, prompts.ids)]
+    return [echo_text(t, ids, tokenizer) for t, ids in zip(prompts.texts, prompts.ids)]
 
 
 def _check_context(ids: list[list[int]], max_tokens: int, limit: int) -> None:
