@@ -20,6 +20,12 @@ log = logging.getLogger("qbt.model_server")
 class ModelServer:
     async def __init__(self, model_id: str, weights_path: str, engine_kwargs: dict, simulation: dict | None = None):
         configure_logging(names=("qbt", "vllm"))
+        from ray.serve.metrics import Counter
+
+        self.tags = {"model": model_id}
+        self.abandoned = Counter("qbt_engine_abandoned_tokens_total", "Tokens the engine generated for streams "
+                                 "that ended before their end (client gone, prompt refused, request cut off).",
+                                 tag_keys=("model",))
         if simulation is not None:
             from deployments.sim_engine import SimConfig, SimEngine
 
@@ -36,10 +42,16 @@ class ModelServer:
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
         """Cancelling this generator (client gone) cancels the engine request, which frees its KV cache."""
         span = self._span(req)
+        produced, ended = 0, False
         try:
             async for item in self.engine.stream(req):
+                produced = item.usage.completion_tokens
                 yield item
+            ended = True
         finally:
+            if not ended and produced:  # work nobody will receive: what refusals and cut-offs cost the engine
+                self.abandoned.inc(produced, tags=self.tags)
+            span.set_attribute("qbt.completion_tokens", produced)
             span.end()
 
     async def complete(self, req: GenerationRequest):

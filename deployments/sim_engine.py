@@ -145,21 +145,20 @@ class SimEngine:
         self.clock: StepClock | None = None
         self._tokenizer = None
         self._text: tuple[list[int], list[str]] = ([], [])
-        self._closed: asyncio.Future | None = None
+        self._hanging: set[asyncio.Future] = set()  # requests in a HANG fault, released by shutdown()
 
     async def start(self) -> None:
         self._tokenizer = sim_tokenizer()
         self._text = self._pieces(self.config.text)
         self.clock = StepClock(self.config.step_s, self.config.slow_factor)
-        self._closed = asyncio.get_running_loop().create_future()
 
     def shutdown(self) -> None:
         if self.clock is not None:
             self.clock.close()
             self.clock = None
-            closed, self._closed = self._closed, None
-            if not closed.get_loop().is_closed():
-                closed.get_loop().call_soon_threadsafe(lambda: closed.done() or closed.set_result(None))
+        for waiter in list(self._hanging):
+            if not waiter.get_loop().is_closed():
+                waiter.get_loop().call_soon_threadsafe(lambda w=waiter: w.done() or w.set_result(None))
 
     async def check_health(self) -> None:
         if self.clock is None:
@@ -189,7 +188,7 @@ class SimEngine:
 
     async def _steps(self, req: GenerationRequest, per_prompt: int):
         """(fragments, cumulative usage) per step; the fault is checked at every step boundary."""
-        clock, closed = self.clock, self._closed  # shutdown() clears them; this request keeps its own
+        clock = self.clock  # shutdown() clears it; this request keeps its own
         if clock is None:
             raise EngineFailure("engine not started")
         override = parse_directive(req.prompt_texts[0] if req.prompt_texts else None)
@@ -203,7 +202,7 @@ class SimEngine:
         usage = Usage(prompt_tokens=req.prompt_tokens)
         pos = 0
         while True:
-            await self._fault_point(fault, after, usage.completion_tokens, closed)
+            await self._fault_point(fault, after, usage.completion_tokens)
             if pos and pos >= longest:
                 return
             await clock.tick(slow=fault is Fault.SLOW and usage.completion_tokens >= after)
@@ -212,7 +211,7 @@ class SimEngine:
             pos += max(chunk, 1)
             yield fragments, usage
 
-    async def _fault_point(self, fault: Fault, after: int, produced: int, closed: asyncio.Future) -> None:
+    async def _fault_point(self, fault: Fault, after: int, produced: int) -> None:
         if produced < after or fault in (Fault.NONE, Fault.SLOW):
             return
         if fault is Fault.DIE:
@@ -220,7 +219,12 @@ class SimEngine:
             raise EngineFailure("simulated replica death")
         if fault is Fault.RAISE:
             raise EngineFailure(f"simulated engine failure after {produced} tokens")
-        await asyncio.shield(closed)  # HANG: until cancelled or shut down
+        waiter = asyncio.get_running_loop().create_future()  # HANG: until cancelled or shut down
+        self._hanging.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._hanging.discard(waiter)
         raise EngineFailure("engine shut down")
 
     def _script(self, req: GenerationRequest, prompt_idx: int) -> _Script:

@@ -165,22 +165,43 @@ class Harness:
     engines: dict[str, SimEngine]
 
     async def post(self, body: dict | bytes, key: str | None = KEY, headers: dict | None = None):
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        hdrs = {"content-type": "application/json", **(headers or {})}
-        if key is not None:
-            hdrs["authorization"] = f"Bearer {key}"
-        sent = False
-
-        async def receive():
-            nonlocal sent
-            if sent:
-                await asyncio.Event().wait()  # the client is still there
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-
-        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
-                 "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()]}
+        """The request path's answer (the Response object, not yet sent)."""
+        scope, receive = _request(body, key, headers)
         return await self.gateway.completions.handle(Request(scope, receive))
+
+    async def exchange(self, body: dict, reads: int | None = None) -> list[dict]:
+        """The whole ASGI exchange through the route, as a server drives it; the client stops reading (its sends
+        block for ever) after `reads` body messages. Returns the messages sent."""
+        scope, receive = _request(body, KEY, None)
+        sent: list[dict] = []
+
+        async def send(message):
+            if reads is not None and message["type"] == "http.response.body" and \
+                    sum(m["type"] == "http.response.body" for m in sent) >= reads:
+                await asyncio.Event().wait()  # the socket's buffers are full: the client stopped reading
+            sent.append(message)
+
+        await self.gateway.completions(scope, receive, send)
+        return sent
+
+
+def _request(body: dict | bytes, key: str | None, headers: dict | None):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {"content-type": "application/json", **(headers or {})}
+    if key is not None:
+        hdrs["authorization"] = f"Bearer {key}"
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            await asyncio.Event().wait()  # the client is still there
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+             "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()]}
+    return scope, receive
 
 
 def events(chunks: list[bytes]) -> list:

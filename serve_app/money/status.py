@@ -13,6 +13,7 @@ class Status(str, Enum):
     DISCONNECTED = "disconnected"  # the client left mid-request: what was produced was delivered or paid for
     OUTPUT_FILTERED = "output_filtered"  # the output guard withheld text the engine produced
     INTERRUPTED = "interrupted"  # the stream failed after text reached the client: it pays for what it received
+    TIMED_OUT = "timed_out"  # cut off at the maximum request duration (or a client that stopped reading)
     EXPIRED = "expired"  # reconciled by admission after the reservation's deadline
     REFUSED = "refused"  # refused before admission (metrics and request log only; no ledger row)
     # Errors after admission carry the contract's code (each has a ledger row, charged nothing).
@@ -38,9 +39,9 @@ class Status(str, Enum):
     @property
     def code(self) -> str | None:
         """The error code this ending reports, or None for the endings that are not errors."""
-        if self is Status.INTERRUPTED:
+        if self in (Status.INTERRUPTED, Status.TIMED_OUT):
             return Code.UPSTREAM_ERROR.value
         return None if self in CHARGED else self.value
 
 
-CHARGED = frozenset({Status.OK, Status.DISCONNECTED, Status.OUTPUT_FILTERED, Status.INTERRUPTED})
+CHARGED = frozenset({Status.OK, Status.DISCONNECTED, Status.OUTPUT_FILTERED, Status.INTERRUPTED, Status.TIMED_OUT})

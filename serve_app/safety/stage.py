@@ -57,9 +57,15 @@ class Screening:
     request_id: str
     input_check: asyncio.Task | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    verdict: Any = field(default=None)  # the input verdict once known: (ApiError | None,)
 
     async def input_verdict(self) -> ApiError | None:
-        """The input guard's answer, awaited only once generation has been started beside it."""
+        """The input guard's answer (judged once), awaited only once generation has been started beside it."""
+        if self.verdict is None:
+            self.verdict = (await self._judge_input(),)
+        return self.verdict[0]
+
+    async def _judge_input(self) -> ApiError | None:
         if self.input_check is None:
             return None
         try:

@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from deployments.wire import GenerationRequest, InvalidSampling, StreamItem, Usage
 from serve_app.api.encoding import DONE, CompletionFrame, dumps, event
@@ -57,6 +58,7 @@ class Call:
     limit_headers: dict[str, str]
     record: RequestRecord
     span: Any
+    bound: asyncio.Timeout | None = None
     gen_span: Any = None
 
     def start_generation(self) -> None:
@@ -70,17 +72,38 @@ class Call:
 
 class CompletionPath:
     def __init__(self, router: ModelRouter, billing: Billing, safety: SafetyStage, metrics: IngressMetrics, *,
-                 max_body_bytes: int, first_item_timeout_s: float, clock: Callable[[], float] = time.time):
+                 max_body_bytes: int, first_item_timeout_s: float, max_request_s: float = 900,
+                 clock: Callable[[], float] = time.time):
         self.router = router
         self.billing = billing
         self.safety = safety
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.first_item_timeout_s = first_item_timeout_s
+        self.max_request_s = max_request_s
         self.clock = clock
         self._background: set[asyncio.Task] = set()
 
-    async def handle(self, request: Request) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The route: the whole exchange, sending included, is bounded by `max_request_s`, so that no request (a
+        client that stops reading among them) outlives its reservation's lease. One timer per request, none per
+        token. Past the bound, a request that has not answered yet gets a 502; a stream is cut off; either way it
+        settles what was produced (TIMED_OUT)."""
+        response = None
+        try:
+            async with asyncio.timeout(self.max_request_s) as bound:
+                response = await self.handle(Request(scope, receive), bound)
+                await response(scope, receive, send)
+        except TimeoutError:
+            if response is None:
+                await error_response(upstream(
+                    f"The request did not finish within the service's limit of {self.max_request_s:g} s."))(
+                    scope, receive, send)
+        finally:
+            if isinstance(response, StreamingResponse):  # settles a stream cut off while it waited on the client
+                await response.body_iterator.aclose()
+
+    async def handle(self, request: Request, bound: asyncio.Timeout | None = None) -> Response:
         completion_id = "cmpl-" + uuid.uuid4().hex
         request_id = request.headers.get("x-request-id", completion_id)[:128]
         record = RequestRecord(request_id, completion_id, "unknown")
@@ -105,7 +128,7 @@ class CompletionPath:
         call = Call(route, generation_request(completion_id, req, prompts),
                     CompletionFrame(completion_id, int(self.clock()), route.spec.id, req.include_usage), admission,
                     self.safety.screen(policy, texts, req.choices_per_prompt, root, completion_id),
-                    admission.limits.headers(), record, root)
+                    admission.limits.headers(), record, root, bound)
         if req.stream:
             return await self._stream(call)
         return await self._complete(call)
@@ -146,12 +169,14 @@ class CompletionPath:
         call.start_generation()
         stream = call.route.stream.remote(call.gen)
         outcome = Outcome(Usage(prompt_tokens=call.gen.prompt_tokens))
+        first = None
         try:
             await call.route.assigned(stream)
-            first = await asyncio.wait_for(stream.__anext__(), self.first_item_timeout_s)
-            call.gen_span.add_event("first_token")
+            first = await self._first_unless_refused(call, stream)
             refused = await call.screening.input_verdict()
-            call.record.mark_first_token()
+            if first is not None:
+                call.gen_span.add_event("first_token")
+                call.record.mark_first_token()
         except asyncio.CancelledError:
             stream.cancel()
             self._disconnected(call, outcome)
@@ -163,6 +188,22 @@ class CompletionPath:
             return await self._refuse(call, outcome, refused)
         return StreamingResponse(self._events(call, stream, first, call.screening.gate()), headers=call.headers(),
                                  media_type="text/event-stream")
+
+    async def _first_unless_refused(self, call: Call, stream) -> StreamItem | None:
+        """The first item; None when the input guard refuses before it comes, so that the refused prompt's
+        generation is cancelled at once and costs the engine no more than the guard's latency."""
+        first = asyncio.ensure_future(asyncio.wait_for(anext(stream), self.first_item_timeout_s))
+        check = call.screening.input_check
+        try:
+            if check is not None:
+                await asyncio.wait((first, check), return_when=asyncio.FIRST_COMPLETED)
+                if not first.done() and await call.screening.input_verdict() is not None:
+                    first.cancel()
+                    return None
+            return await first
+        except BaseException:
+            first.cancel()
+            raise
 
     async def _events(self, call: Call, stream, first: StreamItem, gate: Gate | None):
         """Where tokens leave for the client. Errors after the first byte go in-band: an error event, then [DONE]."""
@@ -227,9 +268,10 @@ class CompletionPath:
                        usage.completion_tokens, charged)
 
     def _disconnected(self, call: Call, outcome: Outcome) -> None:
-        """The client went away: settles what was produced, outside the cancelled request's scope, so a disconnect
-        cannot skip the ledger."""
-        outcome.status = Status.DISCONNECTED
+        """The client went away (or the request ran out of time): settles what was produced, outside the cancelled
+        request's scope, so neither can skip the ledger."""
+        timed_out = call.bound is not None and call.bound.expired()
+        outcome.status = Status.TIMED_OUT if timed_out else Status.DISCONNECTED
         call.screening.cancel()
         self._settlement(call, outcome)
 

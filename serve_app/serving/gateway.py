@@ -36,7 +36,8 @@ class Gateway:
         self.billing = billing
         self.ping = ping
         self.completions = CompletionPath(router, billing, safety, metrics, max_body_bytes=config.max_body_bytes,
-                                          first_item_timeout_s=config.first_item_timeout_s, clock=clock)
+                                          first_item_timeout_s=config.first_item_timeout_s,
+                                          max_request_s=config.max_request_s, clock=clock)
         self._created = int(clock())
 
     @classmethod
@@ -56,7 +57,7 @@ class Gateway:
         return cls(config, router, billing, safety, metrics, redis.ping)
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/v1/completions", self.completions.handle, methods=["POST"]),
+        return Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
                                  Route("/v1/models", self.models, methods=["GET"]),
                                  Route("/health", self.health, methods=["GET"])],
                          exception_handlers=EXCEPTION_HANDLERS)

@@ -158,7 +158,7 @@ async def test_failures_before_the_first_byte_are_plain_http_errors(harness):
         for stream in (True, False):
             harness.billing.settled.clear()
             if directive == "[[sim fault=hang]]" and not stream:
-                continue  # a non-streaming hang is bounded by the client's own timeout, as with vLLM
+                continue  # a non-streaming hang is bounded by max_request_s (below)
             res = await harness.post(body(prompt=directive + " hello", stream=stream))
             assert res.status_code == http and error_of(res)["code"] == code, (directive, stream, res.body)
             (_, _, status), = harness.billing.settled
@@ -207,5 +207,31 @@ async def test_the_final_settlement_survives_the_request_being_cancelled(harness
     await asyncio.wait_for(entered.wait(), 5)  # served; the path now waits on the settlement
     request.cancel()
     release.set()
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.OK and usage.completion_tokens == 8
+
+
+async def test_a_client_that_stops_reading_is_cut_off_at_the_request_bound_and_pays_what_was_produced(harness):
+    harness.gateway.completions.max_request_s = 0.3
+    sent = await asyncio.wait_for(harness.exchange(body(max_tokens=2000, stream=True), reads=2), 5)
+    assert sent[0]["status"] == 200 and sum(m["type"] == "http.response.body" for m in sent) == 2
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.TIMED_OUT and status.charged and 1 <= usage.completion_tokens < 2000
+    await asyncio.sleep(0.05)
+    assert not harness.engines[LLM].clock.running, "the engine kept generating for a request cut off"
+
+
+async def test_a_request_past_the_bound_before_answering_is_a_502_and_settles(harness):
+    harness.gateway.completions.max_request_s = 0.3
+    sent = await asyncio.wait_for(harness.exchange(body(prompt="[[sim fault=hang]] hello")), 5)
+    assert sent[0]["status"] == 502
+    assert json.loads(sent[1]["body"])["error"]["code"] == "upstream_error"
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.TIMED_OUT and usage.completion_tokens == 0
+
+
+async def test_a_whole_exchange_inside_the_bound_is_untouched(harness):
+    sent = await harness.exchange(body(stream=True))
+    assert sent[0]["status"] == 200 and sent[-2]["body"] == b"data: [DONE]\n\n"
     _, usage, status = await harness.billing.one_settlement()
     assert status is Status.OK and usage.completion_tokens == 8
