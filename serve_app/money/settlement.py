@@ -85,23 +85,31 @@ RETRIED = (ConnectionError, TimeoutError)  # never a script error: a script that
 
 
 class Settler:
-    def __init__(self, redis, retries: int = 3):
+    def __init__(self, redis, retry_s: float = 600, backoff_cap_s: float = 2.0):
         self.redis = redis
-        self.retries = retries
+        self.retry_s = retry_s
+        self.backoff_cap_s = backoff_cap_s
         self._script = redis.register_script(SETTLE_LUA)
 
     async def settle(self, s: Settlement) -> int | None:
-        """Returns the micro-dollars charged (only endings whose status is charged pay). Retried, since the request
-        was already served; if Redis stays away, the reservation expires and admission reconciles it."""
+        """Returns the micro-dollars charged (only endings whose status is charged pay). The request was already
+        served, so a settlement outlasts a Redis outage: retried with backoff for up to `retry_s` (the reservation's
+        lease is held meanwhile, and a settlement that lands after the reservation expired is still charged)."""
         args = [s.completion_id, s.prompt_tokens, s.completion_tokens, s.status.value, "1" if s.status.charged else "0",
                 s.account, s.key_id, s.model, s.input_micros, s.output_micros, s.request_id]
         keys = [keyspace.reservation(s.completion_id), keyspace.LEDGER, keyspace.RESERVATION_EXPIRY]
-        for attempt in range(self.retries):
+        loop = asyncio.get_running_loop()
+        give_up, attempt = loop.time() + self.retry_s, 0
+        while True:
             try:
                 verdict, cost = await self._script(keys=keys, args=args)
             except RETRIED as exc:
-                log.warning("settlement of %s failed (attempt %d): %s", s.completion_id, attempt + 1, exc)
-                await asyncio.sleep(0.2 * 2**attempt)
+                attempt += 1
+                if loop.time() >= give_up:
+                    break
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning("settlement of %s failed (attempt %d), retrying: %s", s.completion_id, attempt, exc)
+                await asyncio.sleep(min(self.backoff_cap_s, 0.1 * 2**attempt))
                 continue
             except Exception as exc:
                 log.error("settlement of %s refused by Redis, not retried: %r", s.completion_id, exc)
@@ -111,5 +119,6 @@ class Settler:
             elif verdict == "corrupt":
                 log.error("the reservation of %s was corrupt and was set aside (qbt:rsv:corrupt:)", s.completion_id)
             return int(cost) if verdict in ("ok", "late") else None
-        log.error("settlement of %s abandoned; its reservation will expire", s.completion_id)
+        log.error("settlement of %s abandoned after %.0f s; its reservation will expire", s.completion_id,
+                  self.retry_s)
         return None

@@ -35,6 +35,7 @@ from serve_app.telemetry.metrics import IngressMetrics, RequestRecord, record_re
 from serve_app.telemetry.tracing import carrier_of, child, context_from, traced, tracer
 
 log = logging.getLogger("qbt.completions")
+SETTLE_WAIT_S = 3.0  # how long a response waits for its settlement before answering anyway
 
 
 @dataclass(slots=True)
@@ -246,8 +247,20 @@ class CompletionPath:
         yield DONE
 
     async def _settle(self, call: Call, outcome: Outcome) -> None:
-        """Settles in a task of its own: cancelling the request (the client gone mid-settlement) cannot stop it."""
-        await asyncio.shield(self._settlement(call, outcome))
+        """Settles in a task of its own: cancelling the request (the client gone mid-settlement) cannot stop it.
+        The response waits for it a few seconds at most; during a Redis outage it goes on retrying after the
+        response has gone (and `drain` waits for it when the ingress stops)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._settlement(call, outcome)), SETTLE_WAIT_S)
+        except TimeoutError:
+            log.warning("settlement of %s still retrying; answering without waiting", call.admission.completion_id)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Waits for the settlements still running (the ingress is stopping); returns how many did not finish."""
+        pending = set(self._background)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout_s)
+        return len(pending)
 
     def _settlement(self, call: Call, outcome: Outcome) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(self._settle_now(call, outcome))
