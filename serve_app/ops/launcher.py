@@ -219,6 +219,9 @@ def direct_ingress(host: str, port: int, ingress_replicas: int) -> int:
         return port
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + ingress_replicas)
+    # Serve holds a dead replica's port out of use for 150 s (for HAProxy, which this does not run); with one port
+    # per ingress replica, a crashed ingress could not come back on the service's port until then.
+    os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -16,11 +16,30 @@ log = logging.getLogger("qbt.ingress")
 DRAIN_S = 15  # within Serve's graceful shutdown (20 s by default)
 
 
+def rebind_after_a_crash() -> None:
+    """Serve's direct ingress binds the service port without SO_REUSEPORT, so the successor of a killed ingress
+    replica cannot bind while the dead one's connections sit in TIME_WAIT (60 s), and Serve then blocks the port
+    for good: the service would stay down (tests/faults). Bound with SO_REUSEPORT, as Serve's own proxy binds, the
+    new replica takes the port at once. Ports stay one per replica (Serve's port manager), so none is shared."""
+    from ray.serve._private import replica
+
+    original = replica.start_asgi_http_server
+    if getattr(original, "qbt_reuseport", False):
+        return
+
+    async def start_asgi_http_server(app, http_options, **kwargs):
+        return await original(app, http_options, **{**kwargs, "enable_so_reuseport": True})
+
+    start_asgi_http_server.qbt_reuseport = True
+    replica.start_asgi_http_server = start_asgi_http_server
+
+
 @serve.deployment(graceful_shutdown_timeout_s=20)
 @serve.ingress()
 class Ingress:
     def __init__(self, config: dict, handles: dict):
         configure_logging()
+        rebind_after_a_crash()  # Serve starts the replica's HTTP server after this constructor
         self.gateway = Gateway.build(ServiceConfig.model_validate(config), handles)
 
     def __serve_build_asgi_app__(self):
