@@ -27,6 +27,7 @@ class Stack:
     log_path: Path
     metrics_url: str
     ray_tmp: Path
+    run_dir: Path
     stopped: list[str] = field(default_factory=list)
 
     def descendants(self) -> list[psutil.Process]:
@@ -84,4 +85,4 @@ def start_stack(redis_url: str, tmp_path_factory, config: Path | None = None) ->
             proc.kill()
             pytest.fail("qbt serve did not become ready:\n" + "".join(lines[-40:]))
     return Stack(f"http://127.0.0.1:{port}", redis_url, proc, log_path, f"http://127.0.0.1:{metrics_port}/metrics",
-                 ray_tmp)
+                 ray_tmp, run_dir)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.sim_engine import SimConfig
 from serve_app.config.paths import DEV_SCHEME, SIM_SCHEME, model_path
+from serve_app.ledger.database import LedgerConfig
 from serve_app.money import units
 from serve_app.safety.policy import GuardMode
 
@@ -210,6 +211,7 @@ class ServiceConfig(BaseModel):
     scale_from_zero_wait_s: Annotated[float, Field(gt=0)] = 60
     health_timeout_s: Annotated[float, Field(gt=0)] = 5
     guard: GuardConfig | None = None
+    ledger: LedgerConfig = LedgerConfig()  # where the ledger is exported (SQLite locally, PostgreSQL in production)
     catalog_models: list[str] = []
 
     @model_validator(mode="after")

@@ -100,10 +100,19 @@ def cmd_keys(args) -> int:
 
 
 def cmd_usage(args) -> int:
-    from serve_app.money.ledger import ledger_rows
+    """From the SQL ledger (the system of record; the exporter moves rows there from Redis within seconds)."""
+    from serve_app.ledger.database import Database, LedgerConfig
+    from serve_app.ops.launcher import ledger_database
 
-    since = datetime.fromisoformat(args.since) if args.since else None
-    for row in ledger_rows(_redis(args), args.account, since):
+    config = LedgerConfig(database=args.database or ledger_database(Path(args.run_dir)),
+                          password_file=args.password_file)
+    since_ms = int(datetime.fromisoformat(args.since).timestamp() * 1000) if args.since else None
+    database = Database.open(config)
+    try:
+        rows = database.rows(args.account, since_ms)
+    finally:
+        database.close()
+    for row in rows:
         if args.json:
             print(json.dumps(row))
         else:
@@ -164,8 +173,11 @@ def parser() -> argparse.ArgumentParser:
     for x in (kc, kr, kl):
         x.set_defaults(func=cmd_keys)
 
-    u = sub.add_parser("usage")
+    u = sub.add_parser("usage", help="an account's ledger rows, from the SQL ledger")
     u.add_argument("--account", required=True)
+    u.add_argument("--run-dir", default=str(ROOT / ".run"), help="the local ledger of `qbt serve --run-dir`")
+    u.add_argument("--database", default=None, help="a ledger database URL (sqlite:///... or postgresql://...)")
+    u.add_argument("--password-file", type=Path, default=None, help="PostgreSQL's password, from a file")
     u.add_argument("--since", default=None, help="ISO 8601")
     u.add_argument("--json", action="store_true")
     u.set_defaults(func=cmd_usage)

@@ -181,7 +181,7 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
         key = dev_key(url, run_dir)
         http = serve_config.get("http_options", {})
         port = port or int(http.get("port", 8000))
-        deploy(serve_config, url, http.get("host", "127.0.0.1"), port, num_cpus)
+        deploy(serve_config, url, http.get("host", "127.0.0.1"), port, num_cpus, run_dir)
         # ray.init installs Ray's own SIGTERM handler, which ends the process on the spot, skipping the cleanup.
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -227,7 +227,19 @@ def direct_ingress(host: str, port: int, ingress_replicas: int) -> int:
         return s.getsockname()[1]
 
 
-def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) -> None:
+def local_ledger(args: dict, run_dir: Path) -> dict:
+    """A config that does not say where the ledger goes keeps it beside this run's Redis data, in the run directory
+    (`qbt usage --run-dir` reads it there)."""
+    ledger = dict(args.get("ledger") or {})
+    ledger.setdefault("database", ledger_database(run_dir))
+    return ledger
+
+
+def ledger_database(run_dir: Path) -> str:
+    return "sqlite:///" + str(run_dir.resolve() / "ledger.sqlite3")
+
+
+def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int, run_dir: Path) -> None:
     import ray
     from ray import serve
 
@@ -236,7 +248,8 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int) ->
     if not port_free(host, port):
         raise SystemExit(f"port {port} on {host} is in use: stop what uses it (another `qbt serve`?) or pass "
                          "--port")
-    apps = [(app, {**app.get("args", {}), "redis_url": url}) for app in serve_config["applications"]]
+    apps = [(app, {**app.get("args", {}), "redis_url": url, "ledger": local_ledger(app.get("args", {}), run_dir)})
+            for app in serve_config["applications"]]
     configs = [ServiceConfig.model_validate(args) for _, args in apps]
     proxy_port = direct_ingress(host, port, max(c.ingress.num_replicas for c in configs))
     if proxy_port != port:

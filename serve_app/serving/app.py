@@ -8,7 +8,9 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.model_server import ModelServer
+from serve_app.config.paths import ROOT
 from serve_app.config.service import ModelSpec, ServiceConfig
+from serve_app.ledger.deployment import LedgerExporter
 from serve_app.serving.ingress import Ingress
 
 
@@ -63,4 +65,7 @@ def build_app(args: dict[str, Any]) -> Application:
     ingress = Ingress.options(
         num_replicas=config.ingress.num_replicas, max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options=actor)
-    return ingress.bind(config.model_dump(mode="json"), handles)
+    # Beside the ingress (on the head in production, where the database's credentials are mounted).
+    exporter = LedgerExporter.options(ray_actor_options={**actor, "num_cpus": 0.1}).bind(
+        config.ledger.resolved(ROOT).model_dump(mode="json"), config.redis_url)
+    return ingress.bind(config.model_dump(mode="json"), handles, exporter)

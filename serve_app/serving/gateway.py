@@ -30,8 +30,10 @@ from serve_app.telemetry.metrics import IngressMetrics
 
 class Gateway:
     def __init__(self, config: ServiceConfig, router: ModelRouter, billing: Billing, safety: SafetyStage,
-                 metrics: IngressMetrics, ping: Callable[[], Any], clock: Callable[[], float] = time.time):
+                 metrics: IngressMetrics, ping: Callable[[], Any], clock: Callable[[], float] = time.time,
+                 ledger=None):
         self.config = config
+        self.ledger = ledger  # the exporter's handle (health shows its backlog), None without Serve
         self.router = router
         self.billing = billing
         self.ping = ping
@@ -41,7 +43,7 @@ class Gateway:
         self._created = int(clock())
 
     @classmethod
-    def build(cls, config: ServiceConfig, handles: dict[str, Any], redis=None, metrics=None) -> Gateway:
+    def build(cls, config: ServiceConfig, handles: dict[str, Any], redis=None, metrics=None, ledger=None) -> Gateway:
         """Everything from the config: the router over the handles, money on Redis, the guard if configured."""
         router = ModelRouter(config.models, handles, config.catalog_models, config.replica_wait_s,
                              config.scale_from_zero_wait_s)
@@ -54,7 +56,7 @@ class Gateway:
                                  GuardPolicy(g.default_mode, g.block_controversial, g.fail_open),
                                  g.stream_window_tokens, metrics)
         billing = Billing.on(redis, config.default_rpm, config.default_tpm, config.reservation_ttl_s)
-        return cls(config, router, billing, safety, metrics, redis.ping)
+        return cls(config, router, billing, safety, metrics, redis.ping, ledger=ledger)
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
@@ -84,8 +86,14 @@ class Gateway:
         status["redis"] = "ok" if not isinstance(results[-1], BaseException) else "unavailable"
         healthy = all(v == "ok" for v in status.values())
         status.update({n: "on_demand" for n, r in self.router.routes.items() if r.spec.scales_from_zero})
-        return Response(dumps({"status": "ok" if healthy else "unavailable", "components": status}),
-                        status_code=200 if healthy else 503, media_type=JSON)
+        body = {"status": "ok" if healthy else "unavailable", "components": status}
+        if self.ledger is not None:  # reported, not gating: a stalled export delays the ledger, not the service
+            try:
+                body["ledger_export"] = await asyncio.wait_for(_awaited(self.ledger.lag.remote()),
+                                                               self.config.health_timeout_s)
+            except Exception:
+                body["ledger_export"] = "unavailable"
+        return Response(dumps(body), status_code=200 if healthy else 503, media_type=JSON)
 
 
 async def _awaited(x):

@@ -37,10 +37,10 @@ def rebind_after_a_crash() -> None:
 @serve.deployment(graceful_shutdown_timeout_s=20)
 @serve.ingress()
 class Ingress:
-    def __init__(self, config: dict, handles: dict):
+    def __init__(self, config: dict, handles: dict, ledger=None):
         configure_logging()
         rebind_after_a_crash()  # Serve starts the replica's HTTP server after this constructor
-        self.gateway = Gateway.build(ServiceConfig.model_validate(config), handles)
+        self.gateway = Gateway.build(ServiceConfig.model_validate(config), handles, ledger=ledger)
 
     def __serve_build_asgi_app__(self):
         return self.gateway.app()

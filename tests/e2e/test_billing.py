@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -82,7 +83,11 @@ def test_cli_accounts_keys_and_usage(stack, redis_server, customer, client):
     assert listed[0]["rpm"] == 100 and not listed[0]["revoked"]
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
     wait_for_rows(keyspace.sync_client(redis_server.url), customer.account, 1)
-    rows = [json.loads(line) for line in qbt("usage", "--account", customer.account, "--json").splitlines()]
+    deadline = time.monotonic() + 30  # the exporter moves the row from Redis to the SQL ledger within seconds
+    while not (rows := [json.loads(line) for line in qbt("usage", "--account", customer.account, "--run-dir",
+                                                          str(stack.run_dir), "--json").splitlines()]):
+        assert time.monotonic() < deadline, "the row never reached the SQL ledger"
+        time.sleep(0.5)
     assert {"request_id", "model", "prompt_tokens", "completion_tokens", "cost_usd", "status"} <= set(rows[0])
     shown = json.loads(qbt("accounts", "show", customer.account, "--json"))
     assert shown["spent_usd"] == rows[0]["cost_usd"] and shown["requests"] == 1

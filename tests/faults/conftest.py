@@ -16,6 +16,7 @@ from tests.support import RedisServer, free_port
 
 RESERVATION_TTL_S = 6  # leases renew every 2 s; a request outliving this unrenewed would be reconciled
 MAX_REQUEST_S = 8
+RETAIN_ROWS = 20  # exported rows the stream keeps: the bound checked after every fault
 RESULTS: list[dict] = []
 
 
@@ -31,7 +32,8 @@ def fault_redis(tmp_path_factory):
 def fault_config(tmp_path_factory):
     config = yaml.safe_load(serve_config_path("sim").read_text())
     args = config["applications"][0]["args"]
-    args.update(reservation_ttl_s=RESERVATION_TTL_S, max_request_s=MAX_REQUEST_S)
+    args.update(reservation_ttl_s=RESERVATION_TTL_S, max_request_s=MAX_REQUEST_S,
+                ledger={"retain_rows": RETAIN_ROWS, "claim_idle_ms": 2000})  # the database: the run directory's
     path = tmp_path_factory.mktemp("fault-config") / "serve-faults.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -42,6 +44,17 @@ def fault_stack(fault_redis, fault_config, tmp_path_factory):
     stack = start_stack(fault_redis.url, tmp_path_factory, fault_config)
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="module")
+def ledger_db(fault_stack):
+    """The stack's SQL ledger (SQLite in its run directory, where `qbt serve` puts it)."""
+    from serve_app.ledger.database import Database, LedgerConfig
+    from serve_app.ops.launcher import ledger_database
+
+    db = Database.open(LedgerConfig(database=ledger_database(fault_stack.run_dir)))
+    yield db
+    db.close()
 
 
 @pytest.fixture

@@ -158,12 +158,28 @@ def settle_quietly(r, accounts: list[str], base_url: str, key: str, timeout: flo
         time.sleep(1)
 
 
-def check(fault: str, r, rows_of, before: dict[str, int], sent: list[Sent], recovery_s: float | None,
+def exported(base_url: str, retain_rows: int, timeout: float = 60) -> dict:
+    """Waits until the exporter has moved every ledger row to the database and trimmed the stream to what it
+    retains (health reports its backlog)."""
+    deadline = time.monotonic() + timeout
+    lag: dict | str = "unknown"
+    while time.monotonic() < deadline:
+        try:
+            lag = httpx.get(base_url + "/health", timeout=10).json().get("ledger_export", "unavailable")
+            if isinstance(lag, dict) and lag["unexported"] == 0 and lag["stream_length"] <= retain_rows:
+                return lag
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the ledger export did not catch up within {timeout} s: {lag}")
+
+
+def check(fault: str, r, db, before: dict[str, int], sent: list[Sent], recovery_s: float | None,
           reservations_left: int) -> Report:
-    """Money after the fault: the balance moved by exactly the ledger's sum, and every token a client received is
-    on a ledger row of its request."""
+    """Money after the fault, from the SQL ledger (the system of record): the balance moved by exactly the ledger's
+    sum, and every token a client received is on a ledger row of its request."""
     after = balances(r, list(before))
-    rows = [row for account in before for row in rows_of(account)]
+    rows = [row for account in before for row in db.rows(account)]
     by_request: dict[str, list[dict]] = {}
     for row in rows:
         by_request.setdefault(row["request_id"], []).append(row)
