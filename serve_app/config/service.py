@@ -206,6 +206,7 @@ class ServiceConfig(BaseModel):
     default_tpm: Annotated[int, Field(ge=0)] = 0
     reservation_ttl_s: Annotated[float, Field(gt=0)] = 900
     max_request_s: Annotated[float, Field(gt=0)] = 900
+    delivery_checkpoint_s: Annotated[float, Field(gt=0)] = 2.0  # what an ingress crash can leave unbilled, at most
     first_item_timeout_s: Annotated[float, Field(gt=0)] = 120
     replica_wait_s: Annotated[float, Field(gt=0)] = 30
     scale_from_zero_wait_s: Annotated[float, Field(gt=0)] = 60

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+from deployments.wire import Usage
 from serve_app.api.errors import ApiError, Code
 from serve_app.money import keyspace, lua, units
 from serve_app.money.limits import LimitState, rate_limit_error
@@ -28,10 +29,21 @@ for _, rid in ipairs(expired) do
   local rk = '$reservation_prefix' .. rid
   local r, state = read_reservation(rk)
   if state == 'ok' then
-    redis.call('HINCRBY', '$account_prefix' .. r.account, 'reserved', 0 - tonumber(r.reserved))
-    ledger_row(KEYS[2], rid, r, 0, 0, 0, '$expired', now)
+    -- The ingress that held it is gone (its lease stopped): charge what its client had received, as checkpointed.
+    local acct = '$account_prefix' .. r.account
+    local dp, dc = delivered(rk)
+    local cost = 0
+    if dc > 0 then cost = math.min(cost_micros(dp, dc, tonumber(r.pin), tonumber(r.pout)), tonumber(r.reserved)) end
+    redis.call('HINCRBY', acct, 'reserved', 0 - tonumber(r.reserved))
+    if cost > 0 then
+      redis.call('HINCRBY', acct, 'balance', 0 - cost)
+      redis.call('HINCRBY', acct, 'spent', cost)
+      redis.call('HINCRBY', acct, 'prompt_tokens', dp)
+      redis.call('HINCRBY', acct, 'completion_tokens', dc)
+    end
+    ledger_row(KEYS[2], rid, r, dp, dc, cost, '$expired', now)
     redis.call('DEL', rk)
-    mark_expired(rid)
+    mark_expired(rid, cost, dp, dc)
   elseif state == 'corrupt' then
     set_aside(rk, rid)
   end
@@ -119,6 +131,7 @@ class Admission:
     model: str = ""
     input_micros: int = 0  # the prices it was admitted at, for a settlement that arrives after reconciliation
     output_micros: int = 0
+    delivered: Usage | None = None  # what a stream's client has received so far (the lease checkpoints it)
 
 
 def unreachable(detail: str = "; requests are refused rather than served unmetered") -> ApiError:

@@ -24,9 +24,10 @@ class Billing:
         self.leases = leases
 
     @classmethod
-    def on(cls, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float) -> Billing:
+    def on(cls, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float, checkpoint_s: float = 2.0
+           ) -> Billing:
         return cls(Admitter(redis, default_rpm, default_tpm, reservation_ttl_s), Settler(redis),
-                   Leases(redis, reservation_ttl_s))
+                   Leases(redis, reservation_ttl_s, checkpoint_s))
 
     async def authenticate(self, key: str) -> str:
         return await self.admitter.authenticate(keys.key_hash(key))
@@ -37,7 +38,7 @@ class Billing:
         admission = await self.admitter.admit(keys.key_hash(key), completion_id, request_id, model, prices,
                                               sum(len(p) for p in prompt_ids),
                                               completion_budget(req, len(prompt_ids)))
-        self.leases.hold(completion_id)  # renewed while the request runs
+        self.leases.hold(admission)  # renewed (and a stream's delivery checkpointed) while the request runs
         return admission
 
     async def settle(self, admission: Admission, usage: Usage, status: Status) -> int | None:

@@ -71,10 +71,31 @@ local function set_aside(rk, rid)
   redis.call('HINCRBY', '$stats', 'corrupt_reservations', 1)
 end
 
--- A reservation reconciled as expired leaves a marker for a day: the settlement that arrives after it charges late,
--- once (it deletes the marker).
-local function mark_expired(rid)
-  redis.call('SET', '$done_prefix' .. rid, 'expired', 'EX', 86400)
+-- What the client of a stream had received at the last checkpoint (written by the ingress's lease renewal): what
+-- a reconciliation charges when the ingress died with the request.
+local function delivered(rk)
+  local d = redis.call('HMGET', rk, 'delivered_prompt', 'delivered')
+  local prompt, completion = tonumber(d[1]) or 0, tonumber(d[2]) or 0
+  if prompt < 0 or completion < 0 then return 0, 0 end
+  return prompt, completion
+end
+
+-- A reservation reconciled as expired leaves a marker for a day, with what the reconciliation charged: the
+-- settlement that arrives after it charges the rest, late, once (it deletes the marker).
+local function mark_expired(rid, charged, prompt, completion)
+  redis.call('SET', '$done_prefix' .. rid, cjson.encode({charged, prompt, completion}), 'EX', 86400)
+end
+
+-- (charged, prompt, completion) of a marker, or nil when there is none ('expired' is a marker of an older release).
+local function read_expired(rid)
+  local marker = redis.call('GET', '$done_prefix' .. rid)
+  if not marker then return nil end
+  if marker == 'expired' then return {0, 0, 0} end
+  local ok, v = pcall(cjson.decode, marker)
+  if not ok or type(v) ~= 'table' or not tonumber(v[1]) or not tonumber(v[2]) or not tonumber(v[3]) then
+    return {0, 0, 0}
+  end
+  return {tonumber(v[1]), tonumber(v[2]), tonumber(v[3])}
 end
 """
 

@@ -27,10 +27,12 @@ if state == 'corrupt' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   return {'corrupt', 0}
 end
-local reserved = 0
+local reserved, before = 0, {0, 0, 0}
 if state == 'missing' then
-  -- Reconciled as expired while the request ran on: charge what it produced, late, once. Otherwise a replay.
-  if redis.call('GET', '$done_prefix' .. ARGV[1]) ~= 'expired' then return {'gone', 0} end
+  -- Reconciled as expired while the request ran on: charge the rest of what it produced, late, once. Otherwise a
+  -- replay.
+  before = read_expired(ARGV[1])
+  if not before then return {'gone', 0} end
   r = {account = ARGV[6], key_id = ARGV[7], model = ARGV[8], pin = ARGV[9], pout = ARGV[10],
        request_id = ARGV[11], created = now, tpm = '0', tokens = '0', keyrec = ''}
   if not tonumber(r.pin) or not tonumber(r.pout) then return redis.error_reply('settlement: late prices missing') end
@@ -42,6 +44,9 @@ if ARGV[5] == '1' then
   cost = cost_micros(prompt, completion, tonumber(r.pin), tonumber(r.pout))
   if state == 'ok' and cost > reserved then cost = reserved end
 end
+-- After a reconciliation that charged part (what was checkpointed), this row carries the rest.
+cost = math.max(cost - before[1], 0)
+prompt, completion = math.max(prompt - before[2], 0), math.max(completion - before[3], 0)
 local acct = '$account_prefix' .. r.account
 redis.call('HINCRBY', acct, 'reserved', 0 - reserved)
 redis.call('HINCRBY', acct, 'balance', 0 - cost)

@@ -210,7 +210,8 @@ class CompletionPath:
         """Where tokens leave for the client. Errors after the first byte go in-band: an error event, then [DONE]."""
         frame = call.frame
         outcome = Outcome(first.usage)
-        delivered = Usage(prompt_tokens=first.usage.prompt_tokens)  # what the client has received
+        received = call.admission  # `.delivered`: what the client has received (the lease checkpoints it)
+        received.delivered = Usage(prompt_tokens=first.usage.prompt_tokens)
         error = None
         try:
             item = first
@@ -218,11 +219,11 @@ class CompletionPath:
                 outcome.usage = item.usage
                 if gate is None:
                     yield frame.chunk(item.choices)
-                    delivered = item.usage
+                    received.delivered = item.usage
                 else:
                     if released := await gate.feed(item.choices, item.usage.completion_tokens):
                         yield frame.chunk(released)
-                        delivered = item.usage
+                        received.delivered = item.usage
                     if gate.blocked:
                         break
                 item = await anext(stream, None)
@@ -232,8 +233,8 @@ class CompletionPath:
         except Exception as exc:
             error = classify(exc, call.route.spec)
             outcome.status = Status.of(error.code)
-            if delivered.completion_tokens:  # text reached the client before the failure: it pays for that
-                outcome.status, outcome.usage = Status.INTERRUPTED, delivered
+            if received.delivered.completion_tokens:  # text reached the client before the failure: it pays for it
+                outcome.status, outcome.usage = Status.INTERRUPTED, received.delivered
         finally:
             if outcome.status is not Status.OK:
                 stream.cancel()

@@ -55,7 +55,8 @@ class Gateway:
             safety = SafetyStage(Moderator(router.routes[g.model], g.timeout_s, metrics),
                                  GuardPolicy(g.default_mode, g.block_controversial, g.fail_open),
                                  g.stream_window_tokens, metrics)
-        billing = Billing.on(redis, config.default_rpm, config.default_tpm, config.reservation_ttl_s)
+        billing = Billing.on(redis, config.default_rpm, config.default_tpm, config.reservation_ttl_s,
+                             config.delivery_checkpoint_s)
         return cls(config, router, billing, safety, metrics, redis.ping, ledger=ledger)
 
     def app(self) -> Starlette:

@@ -32,7 +32,7 @@ def fault_redis(tmp_path_factory):
 def fault_config(tmp_path_factory):
     config = yaml.safe_load(serve_config_path("sim").read_text())
     args = config["applications"][0]["args"]
-    args.update(reservation_ttl_s=RESERVATION_TTL_S, max_request_s=MAX_REQUEST_S,
+    args.update(reservation_ttl_s=RESERVATION_TTL_S, max_request_s=MAX_REQUEST_S, delivery_checkpoint_s=1,
                 ledger={"retain_rows": RETAIN_ROWS, "claim_idle_ms": 2000})  # the database: the run directory's
     path = tmp_path_factory.mktemp("fault-config") / "serve-faults.yaml"
     path.write_text(yaml.safe_dump(config))

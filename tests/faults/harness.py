@@ -27,7 +27,7 @@ class Sent:
     request_id: str
     key: str
     received: int = 0
-    outcome: str = "pending"  # done | in_band_error | http_<status> | connection_error
+    outcome: str = "pending"  # done | in_band_error | http_<status> | the client's exception (ReadError, ...)
 
 
 @dataclass
@@ -63,8 +63,8 @@ class Load:
                 self.sent.append(s)
                 try:
                     self._one(http, s)
-                except httpx.HTTPError:
-                    s.outcome = "connection_error"
+                except httpx.HTTPError as exc:  # named, for the README's "what the client sees"
+                    s.outcome = "done_then_" + type(exc).__name__ if s.outcome == "done" else type(exc).__name__
                     time.sleep(0.2)
 
     def _one(self, http: httpx.Client, s: Sent) -> None:

@@ -262,6 +262,38 @@ async def test_a_settlement_after_expiry_charges_what_was_produced_once(r, redis
     assert int(acct["balance"]) == 1_000_000 - 27 and int(acct["spent"]) == 27
 
 
+async def test_a_crashed_ingress_stream_is_charged_what_was_checkpointed_and_a_late_settlement_the_rest(
+        r, redis_server):
+    """The ingress's lease checkpoints what a stream delivered; when the ingress is gone, the reconciliation charges
+    that; if the settlement still arrives, it charges only the rest: together, exactly the one-row cost."""
+    from deployments.wire import Usage
+    from serve_app.money.leases import Leases
+
+    name, kh = customer(r, credits="1")
+    client = keyspace.async_client(redis_server.url)
+    short, settler = Admitter(client, 0, 0, reservation_ttl_s=0.3), Settler(client)
+    leases = Leases(client, 0.3)
+    streaming = await admit(short, kh)
+    streaming.delivered = Usage(6, 9)  # the client has received 9 tokens
+    leases.held[streaming.completion_id] = streaming
+    await leases.renew()  # the last checkpoint before the ingress died (no renewal after it)
+    await asyncio.sleep(0.4)
+    other = await admit(short, kh)  # reconciles it: charges the 9 tokens delivered
+    rows = [row for row in ledger_rows(r, name) if row["completion_id"] == streaming.completion_id]
+    assert [(row["status"], row["completion_tokens"], row["cost_micros"]) for row in rows] == [
+        ("expired", 9, lua_cost(r, 6, 9, PRICES.input_micros, PRICES.output_micros))]
+    late = Settlement(streaming.completion_id, 6, 16, Status.DISCONNECTED, streaming.account, streaming.key_id,
+                      streaming.model, PRICES.input_micros, PRICES.output_micros, streaming.request_id)
+    await settler.settle(late)
+    rows = [row for row in ledger_rows(r, name) if row["completion_id"] == streaming.completion_id]
+    assert [(row["status"], row["prompt_tokens"], row["completion_tokens"]) for row in rows] == [
+        ("expired", 6, 9), ("disconnected", 0, 7)]
+    total = lua_cost(r, 6, 16, PRICES.input_micros, PRICES.output_micros)
+    assert sum(row["cost_micros"] for row in rows) == total
+    acct = r.hgetall(keyspace.account_record(name))
+    assert int(acct["balance"]) == 1_000_000 - total and int(acct["reserved"]) == other.reserved_micros
+
+
 async def test_settlement_retries_dropped_connections_but_never_script_errors():
     from redis.exceptions import ConnectionError, ResponseError
 
