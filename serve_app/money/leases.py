@@ -22,7 +22,9 @@ for i = 2, #ARGV, 3 do
   redis.call('ZADD', KEYS[1], 'XX', deadline, rid)
   if completion ~= '0' then
     local rk = '$reservation_prefix' .. rid
-    if redis.call('EXISTS', rk) == 1 then redis.call('HSET', rk, 'delivered_prompt', prompt, 'delivered', completion) end
+    if redis.call('EXISTS', rk) == 1 then
+      redis.call('HSET', rk, 'delivered_prompt', prompt, 'delivered', completion)
+    end
   end
   held = held + 1
 end

@@ -6,6 +6,7 @@ the request settles (one Redis trip). A plain object built from its collaborator
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -96,10 +97,14 @@ class CompletionPath:
                 response = await self.handle(Request(scope, receive), bound)
                 await response(scope, receive, send)
         except TimeoutError:
+            error = upstream(f"The request did not finish within the service's limit of {self.max_request_s:g} s.")
             if response is None:
-                await error_response(upstream(
-                    f"The request did not finish within the service's limit of {self.max_request_s:g} s."))(
-                    scope, receive, send)
+                await error_response(error)(scope, receive, send)
+            elif isinstance(response, StreamingResponse):  # a client still reading gets the in-band ending
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1):
+                        await send({"type": "http.response.body", "body": event(error.envelope()) + DONE,
+                                    "more_body": False})
         finally:
             if isinstance(response, StreamingResponse):  # settles a stream cut off while it waited on the client
                 await response.body_iterator.aclose()

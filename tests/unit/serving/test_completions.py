@@ -235,3 +235,14 @@ async def test_a_whole_exchange_inside_the_bound_is_untouched(harness):
     assert sent[0]["status"] == 200 and sent[-2]["body"] == b"data: [DONE]\n\n"
     _, usage, status = await harness.billing.one_settlement()
     assert status is Status.OK and usage.completion_tokens == 8
+
+
+async def test_a_reading_client_past_the_bound_gets_an_in_band_error_and_done(harness):
+    harness.gateway.completions.max_request_s = 0.3
+    sent = await asyncio.wait_for(harness.exchange(body(max_tokens=2000, stream=True)), 5)
+    assert sent[0]["status"] == 200 and sent[-1]["more_body"] is False
+    got = events([m["body"] for m in sent[1:]])
+    assert got[-1] == "[DONE]" and got[-2]["error"]["code"] == "upstream_error"
+    assert "0.3 s" in got[-2]["error"]["message"]
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.TIMED_OUT and 1 <= usage.completion_tokens < 2000
