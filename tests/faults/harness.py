@@ -130,6 +130,7 @@ class Report:
     recovery_s: float | None
     lost_micros: int = 0  # what clients received and nobody paid for, plus any balance/ledger disagreement
     unbilled: int = 0  # requests whose client received tokens without a ledger row charging them
+    most_unbilled_tokens: int = 0  # the largest shortfall of one request (received minus charged)
     balance_vs_ledger_micros: int = 0
     reservations_left: int = 0
     stream_length: int = 0
@@ -193,6 +194,7 @@ def check(fault: str, r, db, before: dict[str, int], sent: list[Sent], recovery_
         tokens = sum(row["completion_tokens"] for row in charged)
         if tokens < s.received:
             report.unbilled += 1
+            report.most_unbilled_tokens = max(report.most_unbilled_tokens, s.received - tokens)
             prompt = charged[0]["prompt_tokens"] if charged else len(PROMPT.encode())
             report.lost_micros += (lua_cost(r, prompt, s.received, INPUT_MICROS, OUTPUT_MICROS)
                                    - sum(row["cost_micros"] for row in charged))
