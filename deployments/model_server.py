@@ -26,6 +26,8 @@ class ModelServer:
         self.abandoned = Counter("qbt_engine_abandoned_tokens_total", "Tokens the engine generated for streams "
                                  "that ended before their end (client gone, prompt refused, request cut off).",
                                  tag_keys=("model",))
+        self.abandoned_streams = Counter("qbt_engine_abandoned_streams_total", "Streams cancelled before their "
+                                         "end (client gone, prompt refused, request cut off).", tag_keys=("model",))
         if simulation is not None:
             from deployments.sim_engine import SimConfig, SimEngine
 
@@ -49,8 +51,10 @@ class ModelServer:
                 yield item
             ended = True
         finally:
-            if not ended and produced:  # work nobody will receive: what refusals and cut-offs cost the engine
-                self.abandoned.inc(produced, tags=self.tags)
+            if not ended:  # work nobody will receive: what refusals and cut-offs cost the engine
+                self.abandoned_streams.inc(tags=self.tags)
+                if produced:
+                    self.abandoned.inc(produced, tags=self.tags)
             span.set_attribute("qbt.completion_tokens", produced)
             span.end()
 

@@ -113,3 +113,29 @@ RUNNING_STACKS: list = []
 def stop_running_stacks() -> None:
     while RUNNING_STACKS:
         RUNNING_STACKS.pop()()
+
+
+def scrape(stack, names: list[str], timeout: float = 90) -> str:
+    """The stack's Prometheus export once it shows every one of `names`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(stack.metrics_url, timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        if all(n in text for n in names):
+            return text
+        time.sleep(2)
+    raise AssertionError(f"missing {[n for n in names if n not in text]} in {stack.metrics_url}")
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples with these labels in a Prometheus export."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

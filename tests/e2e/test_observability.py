@@ -7,32 +7,9 @@ import time
 import httpx
 import pytest
 
-from tests.support import MODEL
-from tests.support import wait_for_rows
+from tests.support import MODEL, scrape, value, wait_for_rows
 
 pytestmark = pytest.mark.e2e
-
-
-def scrape(stack, names: list[str], timeout: float = 90) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        try:
-            text = httpx.get(stack.metrics_url, timeout=10).text
-        except httpx.HTTPError:
-            text = ""
-        if all(n in text for n in names):
-            return text
-        time.sleep(2)
-    raise AssertionError(f"missing {[n for n in names if n not in text]} in {stack.metrics_url}")
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_metrics_after_traffic(stack, client, http):
