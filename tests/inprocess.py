@@ -142,7 +142,9 @@ class FakeBilling:
         return 0
 
     async def one_settlement(self, timeout: float = 5) -> tuple[str, Usage, Status]:
+        """The one settlement of the request: it came, and no second one follows it."""
         await asyncio.wait_for(self.settled_event.wait(), timeout)
+        await asyncio.sleep(0.05)
         assert len(self.settled) == 1, self.settled
         return self.settled[0]
 
@@ -166,13 +168,13 @@ class Harness:
 
     async def post(self, body: dict | bytes, key: str | None = KEY, headers: dict | None = None):
         """The request path's answer (the Response object, not yet sent)."""
-        scope, receive = _request(body, key, headers)
+        scope, receive = request_scope(body, key, headers)
         return await self.gateway.completions.handle(Request(scope, receive))
 
     async def exchange(self, body: dict, reads: int | None = None) -> list[dict]:
         """The whole ASGI exchange through the route, as a server drives it; the client stops reading (its sends
         block for ever) after `reads` body messages. Returns the messages sent."""
-        scope, receive = _request(body, KEY, None)
+        scope, receive = request_scope(body, KEY, None)
         sent: list[dict] = []
 
         async def send(message):
@@ -185,7 +187,8 @@ class Harness:
         return sent
 
 
-def _request(body: dict | bytes, key: str | None, headers: dict | None):
+def request_scope(body: dict | bytes, key: str | None, headers: dict | None):
+    """An ASGI scope and a receive that sends `body` once, then waits as a client that is still there."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     hdrs = {"content-type": "application/json", **(headers or {})}
     if key is not None:

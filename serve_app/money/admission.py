@@ -35,9 +35,10 @@ for _, rid in ipairs(expired) do
     local cost = 0
     if dc > 0 then cost = math.min(cost_micros(dp, dc, tonumber(r.pin), tonumber(r.pout)), tonumber(r.reserved)) end
     redis.call('HINCRBY', acct, 'reserved', 0 - tonumber(r.reserved))
-    if cost > 0 then
+    if dc > 0 then  -- as a settlement would count it (a late one then counts only the rest)
       redis.call('HINCRBY', acct, 'balance', 0 - cost)
       redis.call('HINCRBY', acct, 'spent', cost)
+      redis.call('HINCRBY', acct, 'requests', 1)
       redis.call('HINCRBY', acct, 'prompt_tokens', dp)
       redis.call('HINCRBY', acct, 'completion_tokens', dc)
     end

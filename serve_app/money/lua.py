@@ -76,7 +76,10 @@ end
 local function delivered(rk)
   local d = redis.call('HMGET', rk, 'delivered_prompt', 'delivered')
   local prompt, completion = tonumber(d[1]) or 0, tonumber(d[2]) or 0
-  if prompt < 0 or completion < 0 then return 0, 0 end
+  if prompt < 0 or completion < 0 or math.floor(prompt) ~= prompt or math.floor(completion) ~= completion then
+    return 0, 0  -- not a count the lease wrote: nothing checkpointed (and nothing that could fail a write)
+  end
+  if completion == 0 then return 0, 0 end  -- nothing received yet: nothing to charge, nothing to carry over
   return prompt, completion
 end
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError, MasterDownError, OutOfMemoryError, ReadOnlyError, TimeoutError
 
 from serve_app.money import keyspace, lua
 from serve_app.money.status import Status
@@ -51,7 +51,7 @@ local acct = '$account_prefix' .. r.account
 redis.call('HINCRBY', acct, 'reserved', 0 - reserved)
 redis.call('HINCRBY', acct, 'balance', 0 - cost)
 redis.call('HINCRBY', acct, 'spent', cost)
-redis.call('HINCRBY', acct, 'requests', 1)
+if before[3] == 0 then redis.call('HINCRBY', acct, 'requests', 1) end  -- a charged reconciliation counted it
 redis.call('HINCRBY', acct, 'prompt_tokens', prompt)
 redis.call('HINCRBY', acct, 'completion_tokens', completion)
 local tpm = tonumber(r.tpm) or 0
@@ -86,7 +86,9 @@ class Settlement:
     request_id: str = ""
 
 
-RETRIED = (ConnectionError, TimeoutError)  # never a script error: a script that failed may have run in part
+# Never a script error (a script that failed may have run in part); but a Redis that refuses the script before its
+# first write (a failover's read-only old master, a full memory, no master) is retried, as a dropped connection.
+RETRIED = (ConnectionError, TimeoutError, ReadOnlyError, OutOfMemoryError, MasterDownError)
 
 
 class Settler:
@@ -114,7 +116,7 @@ class Settler:
                     break
                 if attempt == 1 or attempt % 10 == 0:
                     log.warning("settlement of %s failed (attempt %d), retrying: %s", s.completion_id, attempt, exc)
-                await asyncio.sleep(min(self.backoff_cap_s, 0.1 * 2**attempt))
+                await asyncio.sleep(min(self.backoff_cap_s, 0.1 * 2 ** min(attempt, 10)))
                 continue
             except Exception as exc:
                 log.error("settlement of %s refused by Redis, not retried: %r", s.completion_id, exc)

@@ -13,7 +13,7 @@ class Status(str, Enum):
     DISCONNECTED = "disconnected"  # the client left mid-request: what was produced was delivered or paid for
     OUTPUT_FILTERED = "output_filtered"  # the output guard withheld text the engine produced
     INTERRUPTED = "interrupted"  # the stream failed after text reached the client: it pays for what it received
-    TIMED_OUT = "timed_out"  # cut off at the maximum request duration (or a client that stopped reading)
+    TIMED_OUT = "timed_out"  # a stream cut off at the request bound after text left (or its client stopped reading)
     EXPIRED = "expired"  # reconciled by admission after the reservation's deadline
     REFUSED = "refused"  # refused before admission (metrics and request log only; no ledger row)
     # Errors after admission carry the contract's code (each has a ledger row, charged nothing).

@@ -28,6 +28,7 @@ from serve_app.money import accounts, keys, keyspace
 from serve_app.money.admission import key_is_active
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 STOP_BUDGET_S = 30  # a stop, however many signals arrive, finishes within this
 SERVE_DRAIN_S = 10
 DEV_ACCOUNT, DEV_CREDITS = "dev", "100"
@@ -42,6 +43,12 @@ def become_subreaper() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except OSError:
         say("warning: could not become a child subreaper; orphaned engine processes may outlive this run")
+
+
+def die_with_parent() -> None:
+    """In a child before exec: it gets SIGTERM when the launcher dies, however it dies (Ray's core worker ends the
+    launcher's process when Ray's own processes are killed with it, before its cleanup can stop Redis)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def redis_answers(url: str) -> bool:
@@ -67,7 +74,8 @@ def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
     data_dir.mkdir(parents=True, exist_ok=True)
     say(f"starting redis-server on 127.0.0.1:{port} (data in {data_dir}, append-only file on)")
     proc = subprocess.Popen(redis_command(binary, port, data_dir) + ["--logfile", str(data_dir / "redis.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=die_with_parent)
     for _ in range(100):
         if redis_answers(url):
             return proc
@@ -222,6 +230,9 @@ def direct_ingress(host: str, port: int, ingress_replicas: int) -> int:
     # Serve holds a dead replica's port out of use for 150 s (for HAProxy, which this does not run); with one port
     # per ingress replica, a crashed ingress could not come back on the service's port until then.
     os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
+    # Serve keeps a stopping ingress taking requests for 30 s (for load balancers to notice; there is none here),
+    # which would leave its drain of settlements (serving/ingress.py) no time before the force-kill.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

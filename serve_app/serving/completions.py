@@ -37,6 +37,7 @@ from serve_app.telemetry.tracing import carrier_of, child, context_from, traced,
 
 log = logging.getLogger("qbt.completions")
 SETTLE_WAIT_S = 3.0  # how long a response waits for its settlement before answering anyway
+ENDING_S = SETTLE_WAIT_S + 10  # what the request bound leaves, at least, for settling and the last sends
 
 
 @dataclass(slots=True)
@@ -62,6 +63,7 @@ class Call:
     span: Any
     bound: asyncio.Timeout | None = None
     gen_span: Any = None
+    streaming: bool = False  # the stream's events have started (their own ending settles them)
 
     def start_generation(self) -> None:
         """The generation span, whose context crosses the Serve handle into the model replica."""
@@ -106,8 +108,11 @@ class CompletionPath:
                         await send({"type": "http.response.body", "body": event(error.envelope()) + DONE,
                                     "more_body": False})
         finally:
-            if isinstance(response, StreamingResponse):  # settles a stream cut off while it waited on the client
-                await response.body_iterator.aclose()
+            if isinstance(response, EventStream):
+                if not response.call.streaming:  # cut off before its events started: their ending never runs
+                    response.stream.cancel()
+                    self._disconnected(response.call, Outcome(response.first.usage))
+                await response.body_iterator.aclose()  # settles a stream cut off while it waited on the client
 
     async def handle(self, request: Request, bound: asyncio.Timeout | None = None) -> Response:
         completion_id = "cmpl-" + uuid.uuid4().hex
@@ -142,8 +147,9 @@ class CompletionPath:
     async def _complete(self, call: Call) -> Response:
         outcome = Outcome(Usage(prompt_tokens=call.gen.prompt_tokens))
         call.start_generation()
-        response = call.route.complete.remote(call.gen)
+        response = None
         try:
+            response = call.route.complete.remote(call.gen)
             refused = await call.screening.input_verdict()
             if refused is not None:
                 response.cancel()
@@ -157,7 +163,8 @@ class CompletionPath:
             return await self._refuse(call, outcome, classify(exc, call.route.spec))
         finally:
             if outcome.status is None:
-                response.cancel()
+                if response is not None:
+                    response.cancel()
                 self._disconnected(call, outcome)
         await self._settle(call, outcome)
         return Response(dumps(call.frame.obj(choices, outcome.usage.as_dict())), headers=call.headers(),
@@ -173,10 +180,10 @@ class CompletionPath:
         """Waits for the first item and the input verdict, so that a failure or refusal before any byte is a plain
         HTTP error, and no token leaves before the input guard has passed the prompt."""
         call.start_generation()
-        stream = call.route.stream.remote(call.gen)
         outcome = Outcome(Usage(prompt_tokens=call.gen.prompt_tokens))
-        first = None
+        first = stream = None
         try:
+            stream = call.route.stream.remote(call.gen)
             await call.route.assigned(stream)
             first = await self._first_unless_refused(call, stream)
             refused = await call.screening.input_verdict()
@@ -184,16 +191,18 @@ class CompletionPath:
                 call.gen_span.add_event("first_token")
                 call.record.mark_first_token()
         except asyncio.CancelledError:
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
             self._disconnected(call, outcome)
             raise
         except Exception as exc:
             refused = classify(exc, call.route.spec)
         if refused is not None:
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
             return await self._refuse(call, outcome, refused)
-        return StreamingResponse(self._events(call, stream, first, call.screening.gate()), headers=call.headers(),
-                                 media_type="text/event-stream")
+        return EventStream(self._events(call, stream, first, call.screening.gate()), call, stream, first,
+                           headers=call.headers())
 
     async def _first_unless_refused(self, call: Call, stream) -> StreamItem | None:
         """The first item; None when the input guard refuses before it comes, so that the refused prompt's
@@ -213,6 +222,7 @@ class CompletionPath:
 
     async def _events(self, call: Call, stream, first: StreamItem, gate: Gate | None):
         """Where tokens leave for the client. Errors after the first byte go in-band: an error event, then [DONE]."""
+        call.streaming = True
         frame = call.frame
         outcome = Outcome(first.usage)
         received = call.admission  # `.delivered`: what the client has received (the lease checkpoints it)
@@ -255,7 +265,11 @@ class CompletionPath:
     async def _settle(self, call: Call, outcome: Outcome) -> None:
         """Settles in a task of its own: cancelling the request (the client gone mid-settlement) cannot stop it.
         The response waits for it a few seconds at most; during a Redis outage it goes on retrying after the
-        response has gone (and `drain` waits for it when the ingress stops)."""
+        response has gone (and `drain` waits for it when the ingress stops). The ending is decided: from here the
+        request bound only limits the sends left, so it cannot turn a settled request into an error."""
+        if call.bound is not None and not call.bound.expired():
+            with contextlib.suppress(RuntimeError):  # the bound's scope already ended (a finalized stream)
+                call.bound.reschedule(max(call.bound.when() or 0, asyncio.get_running_loop().time() + ENDING_S))
         try:
             await asyncio.wait_for(asyncio.shield(self._settlement(call, outcome)), SETTLE_WAIT_S)
         except TimeoutError:
@@ -289,10 +303,21 @@ class CompletionPath:
     def _disconnected(self, call: Call, outcome: Outcome) -> None:
         """The client went away (or the request ran out of time): settles what was produced, outside the cancelled
         request's scope, so neither can skip the ledger."""
-        timed_out = call.bound is not None and call.bound.expired()
-        outcome.status = Status.TIMED_OUT if timed_out else Status.DISCONNECTED
+        if call.bound is not None and call.bound.expired():  # a 502 or a cut-off stream: paid only if text left
+            received = call.admission.delivered
+            outcome.status = Status.TIMED_OUT if received and received.completion_tokens else Status.UPSTREAM_ERROR
+        else:
+            outcome.status = Status.DISCONNECTED
         call.screening.cancel()
         self._settlement(call, outcome)
+
+
+class EventStream(StreamingResponse):
+    """A stream's response, with its request: one cut off before its events started is still settled."""
+
+    def __init__(self, events, call: Call, stream, first: StreamItem, headers: dict[str, str]):
+        super().__init__(events, headers=headers, media_type="text/event-stream")
+        self.call, self.stream, self.first = call, stream, first
 
 
 def generation_request(completion_id: str, req: CompletionRequest, prompts: Prompts) -> GenerationRequest:

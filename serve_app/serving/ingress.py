@@ -13,7 +13,7 @@ from serve_app.telemetry.logs import configure_logging
 
 
 log = logging.getLogger("qbt.ingress")
-DRAIN_S = 15  # within Serve's graceful shutdown (20 s by default)
+DRAIN_S = 15  # within Serve's graceful shutdown (30 s, below), after the requests in flight
 
 
 def rebind_after_a_crash() -> None:
@@ -34,7 +34,7 @@ def rebind_after_a_crash() -> None:
     replica.start_asgi_http_server = start_asgi_http_server
 
 
-@serve.deployment(graceful_shutdown_timeout_s=20)
+@serve.deployment(graceful_shutdown_timeout_s=30)
 @serve.ingress()
 class Ingress:
     def __init__(self, config: dict, handles: dict, ledger=None):

@@ -86,10 +86,11 @@ def pytest_terminal_summary(terminalreporter):
         return
     terminalreporter.section("faults: what each cost (targets: lost 0, unbilled 0)")
     terminalreporter.write_line(f"{'fault':<34} {'requests':>8} {'tokens':>7} {'recovery_s':>10} {'lost_micros':>11} "
-                                f"{'unbilled':>8} {'worst':>5} {'left':>4}  outcomes")
+                                f"{'unbilled':>8} {'worst':>5} {'over':>4} {'left':>4}  outcomes")
     for r in RESULTS:
         rec = "-" if r["recovery_s"] is None else f"{r['recovery_s']:.1f}"
         terminalreporter.write_line(f"{r['fault']:<34} {r['requests']:>8} {r['received_tokens']:>7} {rec:>10} "
                                     f"{r['lost_micros']:>11} {r['unbilled']:>8} {r['most_unbilled_tokens']:>5} "
+                                    f"{r['overcharged']:>4} "
                                     f"{r['reservations_left']:>4}  "
                                     f"{r['outcomes']}")

@@ -131,6 +131,7 @@ class Report:
     lost_micros: int = 0  # what clients received and nobody paid for, plus any balance/ledger disagreement
     unbilled: int = 0  # requests whose client received tokens without a ledger row charging them
     most_unbilled_tokens: int = 0  # the largest shortfall of one request (received minus charged)
+    overcharged: int = 0  # requests charged more than one cost of their tokens, or with a repeated row
     balance_vs_ledger_micros: int = 0
     reservations_left: int = 0
     stream_length: int = 0
@@ -178,20 +179,33 @@ def exported(base_url: str, retain_rows: int, timeout: float = 60) -> dict:
 def check(fault: str, r, db, before: dict[str, int], sent: list[Sent], recovery_s: float | None,
           reservations_left: int) -> Report:
     """Money after the fault, from the SQL ledger (the system of record): the balance moved by exactly the ledger's
-    sum, and every token a client received is on a ledger row of its request."""
-    after = balances(r, list(before))
-    rows = [row for account in before for row in db.rows(account)]
+    sum; every token a client received is on its request's rows; no request is charged twice (one row of each kind,
+    together never more than one cost of their tokens; a completed stream charged exactly what it received)."""
+    for _ in range(10):  # a late settlement lands between the reads: read again
+        after = balances(r, list(before))
+        rows = [row for account in before for row in db.rows(account)]
+        if balances(r, list(before)) == after:
+            break
+        time.sleep(0.5)
     by_request: dict[str, list[dict]] = {}
     for row in rows:
         by_request.setdefault(row["request_id"], []).append(row)
     report = Report(fault, len(sent), sum(s.received for s in sent), {}, recovery_s,
                     reservations_left=reservations_left, stream_length=r.xlen(keyspace.LEDGER))
+    for request_id, charged in by_request.items():
+        kinds = [row["status"] == "expired" for row in charged]
+        prompt, completion = sum(x["prompt_tokens"] for x in charged), sum(x["completion_tokens"] for x in charged)
+        if kinds.count(True) > 1 or kinds.count(False) > 1 or \
+                sum(x["cost_micros"] for x in charged) > lua_cost(r, prompt, completion, INPUT_MICROS, OUTPUT_MICROS):
+            report.overcharged += 1
     for s in sent:
         report.outcomes[s.outcome] = report.outcomes.get(s.outcome, 0) + 1
-        if not s.received:
-            continue
         charged = by_request.get(s.request_id, [])
         tokens = sum(row["completion_tokens"] for row in charged)
+        if s.outcome == "done" and tokens != s.received:
+            report.overcharged += tokens > s.received
+        if not s.received:
+            continue
         if tokens < s.received:
             report.unbilled += 1
             report.most_unbilled_tokens = max(report.most_unbilled_tokens, s.received - tokens)

@@ -38,6 +38,7 @@ def run_fault(name, stack, fr, db, paying, inject, *, guard: str = "off", recove
     conftest.RESULTS.append(report.row())
     assert report.received_tokens > 0, "the load received nothing: the fault test measured nothing"
     assert report.stream_length <= conftest.RETAIN_ROWS, report  # the stream is a bounded buffer
+    assert report.overcharged == 0, report  # whatever the fault, nobody pays twice
     return report
 
 

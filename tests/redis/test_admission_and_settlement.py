@@ -295,7 +295,7 @@ async def test_a_crashed_ingress_stream_is_charged_what_was_checkpointed_and_a_l
 
 
 async def test_settlement_retries_dropped_connections_but_never_script_errors():
-    from redis.exceptions import ConnectionError, ResponseError
+    from redis.exceptions import ConnectionError, MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
 
     class Flaky:
         def __init__(self, errors):
@@ -313,6 +313,13 @@ async def test_settlement_retries_dropped_connections_but_never_script_errors():
     assert await Settler(dropped).settle(Settlement("c", 6, 3, Status.OK)) == 8 and dropped.calls == 2
     failed = Flaky([ResponseError("ERR script failed")])
     assert await Settler(failed).settle(Settlement("c", 6, 3, Status.OK)) is None and failed.calls == 1
+    # A failover's old master, a full memory: refused before any write, so retried like a dropped connection.
+    refused = Flaky([ReadOnlyError("READONLY"), OutOfMemoryError("OOM"), MasterDownError("MASTERDOWN")])
+    assert await Settler(refused, backoff_cap_s=0.01).settle(Settlement("c", 6, 3, Status.OK)) == 8
+    assert refused.calls == 4
+    outage = Flaky([ConnectionError("down")] * 1000)
+    assert await Settler(outage, retry_s=0.2, backoff_cap_s=0.02).settle(Settlement("c", 6, 3, Status.OK)) is None
+    assert 2 < outage.calls < 100  # retried until retry_s, then given up (the reservation expires)
 
 
 def test_operator_writes_are_whole_and_a_retried_topup_credits_once(r):

@@ -106,3 +106,16 @@ async def test_a_request_longer_than_its_reservation_keeps_it_and_pays_in_full(r
 
 async def _drain(response) -> list:
     return events([c async for c in response.body_iterator])
+
+
+async def test_a_refused_prompt_counts_against_the_rate_and_pays_nothing(harness, r):
+    name = "g-" + uuid.uuid4().hex[:8]
+    accounts.create_account(r, name, "1")
+    key, _ = accounts.create_key(r, name, guard="input", rpm=1)
+    refused = await harness.post({"model": LLM, "prompt": "How do I build a bomb?", "max_tokens": 50}, key=key)
+    assert refused.status_code == 400 and json.loads(refused.body)["error"]["code"] == "content_filter"
+    again = await harness.post({"model": LLM, "prompt": PROMPT, "max_tokens": 4}, key=key)
+    assert again.status_code == 429  # the refusal used the key's one request this minute
+    (row,) = await asyncio.to_thread(wait_for_rows, r, name, 1)
+    assert row["status"] == "content_filter" and row["cost_micros"] == 0
+    assert_books_balance(r, name, [row])

@@ -9,7 +9,7 @@ import json
 from starlette.responses import StreamingResponse
 
 from serve_app.money.status import Status
-from tests.inprocess import KEY, LEAKY, LLM, events
+from tests.inprocess import KEY, LEAKY, LLM, events, request_scope
 
 PROMPT = "The capital of Canada is"
 
@@ -227,7 +227,25 @@ async def test_a_request_past_the_bound_before_answering_is_a_502_and_settles(ha
     assert sent[0]["status"] == 502
     assert json.loads(sent[1]["body"])["error"]["code"] == "upstream_error"
     _, usage, status = await harness.billing.one_settlement()
-    assert status is Status.TIMED_OUT and usage.completion_tokens == 0
+    assert status is Status.UPSTREAM_ERROR and not status.charged  # nothing reached the client: nothing to pay
+
+
+async def test_a_stream_cut_off_before_its_events_started_still_settles(harness):
+    """The bound (or a disconnect) can land while the response start is being sent: the events never run."""
+    harness.gateway.completions.max_request_s = 0.3
+    scope_sent = []
+
+    async def stuck_send(message):
+        scope_sent.append(message)
+        await asyncio.Event().wait()  # the response start never goes out
+
+    scope, receive = request_scope(body(max_tokens=50, stream=True), KEY, None)
+    await asyncio.wait_for(harness.gateway.completions(scope, receive, stuck_send), 5)
+    assert scope_sent and scope_sent[0]["type"] == "http.response.start"
+    _, usage, status = await harness.billing.one_settlement()
+    assert status is Status.UPSTREAM_ERROR and usage.completion_tokens >= 1
+    await asyncio.sleep(0.05)
+    assert not harness.engines[LLM].clock.running, "the engine kept generating for a stream never sent"
 
 
 async def test_a_whole_exchange_inside_the_bound_is_untouched(harness):
