@@ -92,6 +92,8 @@ async def test_the_input_guard_refuses_a_prompt_and_nothing_is_charged(harness):
         assert error["code"] == "content_filter" and error["guard"]["safety"] == "Unsafe"
         (_, _, status), = harness.billing.settled
         assert status is Status.CONTENT_FILTER and not status.charged
+        await asyncio.sleep(0.05)
+        assert not harness.engines[LLM].clock.running, "the refused prompt's generation went on"
 
 
 async def test_the_output_guard_withholds_a_whole_completion(harness):
