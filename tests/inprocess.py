@@ -127,7 +127,8 @@ class FakeBilling:
             raise ApiError(Code.INVALID_API_KEY, "Invalid API key")
         return self.keys[key]
 
-    async def admit(self, key, completion_id, request_id, model, prices, req, prompt_ids) -> Admission:
+    async def admit(self, key, completion_id, request_id, model, prices, req, prompt_ids,
+                    safety_model: bool = False) -> Admission:
         await self.authenticate(key)
         if self.refuse is not None:
             raise self.refuse

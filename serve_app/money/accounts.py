@@ -97,9 +97,11 @@ def show_account(r, name: str) -> dict:
 
 
 def create_key(r, account: str, rpm: int | None = None, tpm: int | None = None,
-               guard: str | None = None) -> tuple[str, str]:
-    """Returns (key, key_id); the key itself is not stored anywhere."""
+               guard: str | None = None, safety_models: bool = False) -> tuple[str, str]:
+    """Returns (key, key_id); the key itself is not stored anywhere. `safety_models` lets the key call the guard
+    models directly (a moderation customer); other keys cannot probe what the guard lets through."""
     _require(r, account)
+    rpm, tpm = _limit("rpm", rpm), _limit("tpm", tpm)
     key = keys.new_key()
     digest = keys.key_hash(key)
     kid = keys.key_id(digest)
@@ -108,6 +110,8 @@ def create_key(r, account: str, rpm: int | None = None, tpm: int | None = None,
         fields["rpm"] = rpm
     if tpm is not None:
         fields["tpm"] = tpm
+    if safety_models:
+        fields["safety_models"] = "1"
     if guard is not None:
         GuardPolicy.parse(guard, GuardPolicy())  # refuses an unknown mode before it is stored
         fields["guard"] = guard
@@ -118,11 +122,29 @@ def create_key(r, account: str, rpm: int | None = None, tpm: int | None = None,
     return key, kid
 
 
-def revoke_key(r, key: str) -> str:
-    digest = keys.key_hash(key.strip())
+def revoke_key(r, key_or_id: str) -> str:
+    """Revokes a key given itself or its id (`key_` and 12 hex digits, as `qbt keys list` and the ledger show it):
+    a key reported leaked by its id is revoked without its secret."""
+    given = key_or_id.strip()
+    digest = _digest_of_id(r, given) if keys.is_key_id(given) else keys.key_hash(given)
     if not r.eval(REVOKE_LUA, 1, keyspace.key_record(digest)):
         raise AccountError("no such key")
     return keys.key_id(digest)
+
+
+def _digest_of_id(r, kid: str) -> str:
+    prefix = keyspace.key_record(kid.removeprefix("key_"))
+    found = [name[len(keyspace.KEY_RECORD_PREFIX):] for name in r.scan_iter(match=prefix + "*", count=1000)]
+    if len(found) != 1:
+        raise AccountError(f"no such key id {kid}" if not found else f"key id {kid} is ambiguous; revoke the key")
+    return found[0]
+
+
+def _limit(name: str, value: int | None) -> int | None:
+    """A key's own limit is a positive count; leaving it out means the service's default (`default_rpm`/`tpm`)."""
+    if value is not None and value < 1:
+        raise AccountError(f"{name} must be a positive number (leave it out for the service's default)")
+    return value
 
 
 def list_keys(r, account: str) -> list[dict]:
@@ -131,7 +153,8 @@ def list_keys(r, account: str) -> list[dict]:
     for digest in sorted(r.smembers(keyspace.account_keys(account))):
         k = r.hgetall(keyspace.key_record(digest))
         out.append({"key_id": k.get("key_id"), "revoked": k.get("revoked") == "1",
-                    "rpm": int(k["rpm"]) if "rpm" in k else None, "tpm": int(k["tpm"]) if "tpm" in k else None, "guard": k.get("guard")})
+                    "rpm": int(k["rpm"]) if "rpm" in k else None, "tpm": int(k["tpm"]) if "tpm" in k else None,
+                    "guard": k.get("guard"), "safety_models": k.get("safety_models") == "1"})
     return out
 
 

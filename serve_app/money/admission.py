@@ -57,6 +57,8 @@ if replayed then return cjson.decode(replayed) end
 
 local k = active_key(KEYS[1])
 if not k then return {'invalid_api_key'} end
+-- The guard models judge everyone's traffic: calling them directly (probing what passes) takes a key allowed to.
+if ARGV[11] == '1' and k.safety_models ~= '1' then return {'safety_model'} end
 local acct = '$account_prefix' .. k.account
 local prompt, completion = tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens = prompt + completion
@@ -150,10 +152,11 @@ class Admitter:
         self._authenticate = redis.register_script(AUTHENTICATE_LUA)
 
     async def admit(self, key_hash: str, completion_id: str, request_id: str, model: str, prices: PriceRates,
-                    prompt_tokens: int, max_completion_tokens: int) -> Admission:
-        """`completion_id` is unique and keys the reservation; `request_id` (x-request-id) goes to the ledger."""
+                    prompt_tokens: int, max_completion_tokens: int, safety_model: bool = False) -> Admission:
+        """`completion_id` is unique and keys the reservation; `request_id` (x-request-id) goes to the ledger;
+        a `safety_model` is served only to keys allowed to call the guard models."""
         args = [completion_id, prompt_tokens, max_completion_tokens, prices.input_micros, prices.output_micros,
-                self.ttl_ms, self.default_rpm, self.default_tpm, model, request_id]
+                self.ttl_ms, self.default_rpm, self.default_tpm, model, request_id, "1" if safety_model else "0"]
         try:
             res = await self._script(keys=[keyspace.key_record(key_hash), keyspace.LEDGER,
                                            keyspace.RESERVATION_EXPIRY], args=args)
@@ -167,6 +170,9 @@ class Admitter:
                              guard or None, model, prices.input_micros, prices.output_micros)
         if verdict == "invalid_api_key":
             raise ApiError(Code.INVALID_API_KEY, INVALID_KEY)
+        if verdict == "safety_model":
+            raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' is a safety model and this key may not call "
+                           "it directly (keys are allowed with `qbt keys create --safety-models`).", "model")
         if verdict == "insufficient_funds":
             needed, available = (units.micros_to_usd(v) for v in res[1:3])
             raise ApiError(Code.INSUFFICIENT_FUNDS,

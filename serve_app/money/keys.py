@@ -27,6 +27,10 @@ def key_id(key_hash_hex: str) -> str:
     return "key_" + key_hash_hex[:12]
 
 
+def is_key_id(text: str) -> bool:
+    return len(text) == 16 and text.startswith("key_") and all(c in "0123456789abcdef" for c in text[4:])
+
+
 def bearer_key(authorization: str | None) -> str:
     """The key from `Authorization: Bearer qbt_...`; anything else is 401 before Redis is asked."""
     if not authorization:

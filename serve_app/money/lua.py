@@ -22,12 +22,13 @@ end
 """
 
 # A key is valid while its record exists and it is not revoked. Returns the fields in KEY_FIELDS order, or nil.
-KEY_FIELDS = ("account", "key_id", "revoked", "rpm", "tpm", "rpm_tat", "tpm_tat", "guard")
+KEY_FIELDS = ("account", "key_id", "revoked", "rpm", "tpm", "rpm_tat", "tpm_tat", "guard", "safety_models")
 ACTIVE_KEY = """
 local function active_key(record)
   local k = redis.call('HMGET', record, $key_fields)
   if not k[1] or k[3] == '1' then return nil end
-  return {account = k[1], key_id = k[2], rpm = k[4], tpm = k[5], rpm_tat = k[6], tpm_tat = k[7], guard = k[8]}
+  return {account = k[1], key_id = k[2], rpm = k[4], tpm = k[5], rpm_tat = k[6], tpm_tat = k[7], guard = k[8],
+          safety_models = k[9]}
 end
 """
 

@@ -88,7 +88,8 @@ def cmd_keys(args) -> int:
             accounts.create_account(r, args.account, "0")
             print(f"created account {args.account} with no credit (top it up: qbt accounts topup "
                   f"{args.account} USD)")
-        key, kid = accounts.create_key(r, args.account, rpm=args.rpm, tpm=args.tpm, guard=args.guard)
+        key, kid = accounts.create_key(r, args.account, rpm=args.rpm, tpm=args.tpm, guard=args.guard,
+                                       safety_models=args.safety_models)
         print(f"key id {kid} for account {args.account}; the key is shown once:")
         print(key)
     elif args.action == "revoke":
@@ -161,13 +162,14 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys").add_subparsers(dest="action", required=True)
     kc = k.add_parser("create")
     kc.add_argument("--account", default="default")
-    kc.add_argument("--rpm", type=int, default=None)
-    kc.add_argument("--tpm", type=int, default=None)
+    kc.add_argument("--rpm", type=int, default=None, help="requests per minute, positive (default: the service's)")
+    kc.add_argument("--tpm", type=int, default=None, help="tokens per minute, positive (default: the service's)")
+    kc.add_argument("--safety-models", action="store_true", help="may call the guard models directly")
     kc.add_argument("--guard", default=None, help=f"{'|'.join(m.value for m in GuardMode)}, optionally "
                     "',loose' (Controversial passes) and ',open' (traffic passes when the guard is down); default: "
                     "the config's")
     kr = k.add_parser("revoke")
-    kr.add_argument("key")
+    kr.add_argument("key", help="the key, or its id (key_...) as `qbt keys list` shows it")
     kl = k.add_parser("list")
     kl.add_argument("--account", required=True)
     for x in (kc, kr, kl):

@@ -127,7 +127,8 @@ class CompletionPath:
             record.model, record.stream = route.spec.id, bool(req.stream)
             prompts = tokenize(req, route.spec, route.tokenizer)
             admission = await traced(child("qbt.admission", root), self.billing.admit(
-                key, completion_id, request_id, route.spec.id, route.spec.prices, req, prompts.ids))
+                key, completion_id, request_id, route.spec.id, route.spec.prices, req, prompts.ids,
+                safety_model=route.spec.category is Category.SAFETY))
         except ApiError as exc:
             record_request(self.metrics, record, Status.REFUSED.value, exc.code.value, 0, 0, None)
             root.set_attribute("qbt.status", exc.code.value)

@@ -356,3 +356,24 @@ async def test_acknowledged_money_writes_survive_kill_9(r, redis_server):
     assert [row["cost_micros"] for row in ledger_rows(fresh, name)] == [27]
     assert not key_is_active(fresh, keys.key_hash(key))
     await client.aclose()
+
+
+async def test_a_key_is_revoked_by_its_id_and_limits_are_positive(r, replicas):
+    """A key reported leaked by its id (as listed, and as in the ledger) is revoked without its secret; a key's own
+    limit is a positive count (0 or a negative value would read as 'unlimited'), absent means the default."""
+    (admitter, _), _ = replicas
+    name = "k-" + uuid.uuid4().hex[:8]
+    accounts.create_account(r, name, "1")
+    key, kid = accounts.create_key(r, name)
+    other, _ = accounts.create_key(r, name)
+    assert [k["key_id"] for k in accounts.list_keys(r, name) if k["key_id"] == kid] == [kid]
+    assert accounts.revoke_key(r, kid) == kid
+    assert await outcome(admit(admitter, keys.key_hash(key))) is Code.INVALID_API_KEY
+    assert not isinstance(await outcome(admit(admitter, keys.key_hash(other))), Code)  # the other key still works
+    with pytest.raises(accounts.AccountError, match="no such key id"):
+        accounts.revoke_key(r, "key_000000000000")
+    for bad in (0, -5):
+        with pytest.raises(accounts.AccountError, match="positive"):
+            accounts.create_key(r, name, rpm=bad)
+        with pytest.raises(accounts.AccountError, match="positive"):
+            accounts.create_key(r, name, tpm=bad)

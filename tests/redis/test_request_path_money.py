@@ -119,3 +119,21 @@ async def test_a_refused_prompt_counts_against_the_rate_and_pays_nothing(harness
     (row,) = await asyncio.to_thread(wait_for_rows, r, name, 1)
     assert row["status"] == "content_filter" and row["cost_micros"] == 0
     assert_books_balance(r, name, [row])
+
+
+async def test_the_guard_models_are_only_for_keys_allowed_to_call_them(harness, r):
+    """A key that may not call the safety models gets 400 model_not_found before anything is reserved."""
+    from tests.inprocess import GUARD
+
+    name = "s-" + uuid.uuid4().hex[:8]
+    accounts.create_account(r, name, "1")
+    plain, _ = accounts.create_key(r, name, guard="off")
+    allowed, _ = accounts.create_key(r, name, guard="off", safety_models=True)
+    probe = {"model": GUARD, "prompt": "Is this allowed?", "max_tokens": 4}
+    refused = await harness.post(probe, key=plain)
+    error = json.loads(refused.body)["error"]
+    assert refused.status_code == 400 and error["code"] == "model_not_found" and error["param"] == "model"
+    assert (await harness.post(probe, key=allowed)).status_code == 200
+    (row,) = await asyncio.to_thread(wait_for_rows, r, name, 1)  # only the allowed call reached the ledger
+    assert row["model"] == GUARD and row["status"] == "ok"
+    assert_books_balance(r, name, [row])
