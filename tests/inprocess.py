@@ -127,6 +127,9 @@ class FakeBilling:
             raise ApiError(Code.INVALID_API_KEY, "Invalid API key")
         return self.keys[key]
 
+    async def known(self, key: str) -> None:
+        await self.authenticate(key)
+
     async def admit(self, key, completion_id, request_id, model, prices, req, prompt_ids,
                     safety_model: bool = False) -> Admission:
         await self.authenticate(key)

@@ -202,6 +202,8 @@ class ServiceConfig(BaseModel):
     redis_url: str | None = None
     ingress: IngressSpec = IngressSpec()
     max_body_bytes: Annotated[int, Field(ge=1024)] = 2_000_000
+    body_read_s: Annotated[float, Field(gt=0)] = 30  # a body that takes longer to arrive is refused
+    max_sequences: Annotated[int, Field(ge=1)] = 256  # prompts x max(n, best_of) in one request
     default_rpm: Annotated[int, Field(ge=0)] = 0
     default_tpm: Annotated[int, Field(ge=0)] = 0
     reservation_ttl_s: Annotated[float, Field(gt=0)] = 900

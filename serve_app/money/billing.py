@@ -3,6 +3,8 @@ The rules of both live here or in the scripts, never in the request path."""
 
 from __future__ import annotations
 
+import time
+
 from deployments.wire import Usage
 from serve_app.api.protocol import CompletionRequest
 from serve_app.money import keys
@@ -17,11 +19,16 @@ def completion_budget(req: CompletionRequest, prompts: int) -> int:
     return req.max_tokens_or_default * req.candidates_per_prompt * prompts
 
 
+KNOWN_S = 60  # a key admitted or authenticated this recently skips the check before the body is read
+KNOWN_MAX = 100_000
+
+
 class Billing:
     def __init__(self, admitter: Admitter, settler: Settler, leases: Leases):
         self.admitter = admitter
         self.settler = settler
         self.leases = leases
+        self._known: dict[str, float] = {}  # key hash -> until when it is taken as known (admission re-checks)
 
     @classmethod
     def on(cls, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float, checkpoint_s: float = 2.0
@@ -32,6 +39,21 @@ class Billing:
     async def authenticate(self, key: str) -> str:
         return await self.admitter.authenticate(keys.key_hash(key))
 
+    async def known(self, key: str) -> None:
+        """Before a request's body is read: a key seen recently passes at once; any other is authenticated (one
+        Redis trip), so an unknown key costs no body parsing or tokenizing. Admission checks every key again."""
+        digest = keys.key_hash(key)
+        if self._known.get(digest, 0) > time.monotonic():
+            return
+        await self.admitter.authenticate(digest)
+        self._remember(digest)
+
+    def _remember(self, digest: str) -> None:
+        self._known.pop(digest, None)
+        self._known[digest] = time.monotonic() + KNOWN_S
+        if len(self._known) > KNOWN_MAX:
+            self._known.pop(next(iter(self._known)))
+
     async def admit(self, key: str, completion_id: str, request_id: str, model: str, prices: PriceRates,
                     req: CompletionRequest, prompt_ids: list[list[int]], safety_model: bool = False) -> Admission:
         """Authenticates, applies the key's rate limits and reserves the worst-case cost, in one Redis trip."""
@@ -39,6 +61,7 @@ class Billing:
                                               sum(len(p) for p in prompt_ids),
                                               completion_budget(req, len(prompt_ids)), safety_model)
         self.leases.hold(admission)  # renewed (and a stream's delivery checkpointed) while the request runs
+        self._remember(keys.key_hash(key))
         return admission
 
     async def settle(self, admission: Admission, usage: Usage, status: Status) -> int | None:

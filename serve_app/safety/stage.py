@@ -39,6 +39,15 @@ class SafetyStage:
             log.warning("key guard mode %r not understood (%s); applying the default policy", key_mode, exc)
             return self.default
 
+    @staticmethod
+    def unjudged(policy: GuardPolicy, logprobs: int | None) -> ApiError | None:
+        """Under output moderation, the guard judges the text returned, not the alternatives: `logprobs` (and with
+        `echo`, the prompt's) would show tokens it never judged, so they are refused, never silently dropped."""
+        if policy.mode.checks_output and logprobs is not None:
+            return ApiError(Code.INVALID_REQUEST, "logprobs are not available to keys whose output is moderated: "
+                            "the alternative tokens would not be judged by the safety guard.", "logprobs")
+        return None
+
     def screen(self, policy: GuardPolicy, texts: list[str], n: int, span, request_id: str) -> Screening:
         screening = Screening(self, policy, texts, n, span, request_id)
         if policy.mode.checks_input:

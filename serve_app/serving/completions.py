@@ -77,7 +77,7 @@ class Call:
 class CompletionPath:
     def __init__(self, router: ModelRouter, billing: Billing, safety: SafetyStage, metrics: IngressMetrics, *,
                  max_body_bytes: int, first_item_timeout_s: float, max_request_s: float = 900,
-                 clock: Callable[[], float] = time.time):
+                 body_read_s: float = 30, max_sequences: int = 256, clock: Callable[[], float] = time.time):
         self.router = router
         self.billing = billing
         self.safety = safety
@@ -85,6 +85,8 @@ class CompletionPath:
         self.max_body_bytes = max_body_bytes
         self.first_item_timeout_s = first_item_timeout_s
         self.max_request_s = max_request_s
+        self.body_read_s = body_read_s
+        self.max_sequences = max_sequences
         self.clock = clock
         self._background: set[asyncio.Task] = set()
 
@@ -122,10 +124,14 @@ class CompletionPath:
                                    attributes={"qbt.request_id": request_id, "qbt.completion_id": completion_id})
         try:
             key = keys.bearer_key(request.headers.get("authorization"))
-            req = parse_completion_request(await read_json(request, self.max_body_bytes))
+            await self.billing.known(key)  # an unknown key is refused before its body is read
+            req = parse_completion_request(await self._body(request))
             route = self.router.route(req.model)
             record.model, record.stream = route.spec.id, bool(req.stream)
             prompts = tokenize(req, route.spec, route.tokenizer)
+            if len(prompts.ids) * req.candidates_per_prompt > self.max_sequences:
+                raise invalid(f"This request asks for {len(prompts.ids) * req.candidates_per_prompt} sequences "
+                              f"(prompts x max(n, best_of)); at most {self.max_sequences} are allowed.", "n")
             admission = await traced(child("qbt.admission", root), self.billing.admit(
                 key, completion_id, request_id, route.spec.id, route.spec.prices, req, prompts.ids,
                 safety_model=route.spec.category is Category.SAFETY))
@@ -141,9 +147,19 @@ class CompletionPath:
                     CompletionFrame(completion_id, int(self.clock()), route.spec.id, req.include_usage), admission,
                     self.safety.screen(policy, texts, req.choices_per_prompt, root, completion_id),
                     admission.limits.headers(), record, root, bound)
+        if (unjudged := self.safety.unjudged(policy, req.logprobs)) is not None:
+            return await self._refuse(call, Outcome(Usage(prompt_tokens=call.gen.prompt_tokens)), unjudged)
         if req.stream:
             return await self._stream(call)
         return await self._complete(call)
+
+    async def _body(self, request: Request):
+        """The JSON body, read within `body_read_s`: a client that trickles its body does not hold a request."""
+        try:
+            async with asyncio.timeout(self.body_read_s):
+                return await read_json(request, self.max_body_bytes)
+        except TimeoutError:
+            raise invalid(f"The request body did not arrive within {self.body_read_s:g} s.", None) from None
 
     async def _complete(self, call: Call) -> Response:
         outcome = Outcome(Usage(prompt_tokens=call.gen.prompt_tokens))

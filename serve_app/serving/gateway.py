@@ -39,7 +39,8 @@ class Gateway:
         self.ping = ping
         self.completions = CompletionPath(router, billing, safety, metrics, max_body_bytes=config.max_body_bytes,
                                           first_item_timeout_s=config.first_item_timeout_s,
-                                          max_request_s=config.max_request_s, clock=clock)
+                                          max_request_s=config.max_request_s, body_read_s=config.body_read_s,
+                                          max_sequences=config.max_sequences, clock=clock)
         self._created = int(clock())
 
     @classmethod

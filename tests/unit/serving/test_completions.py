@@ -266,3 +266,45 @@ async def test_a_reading_client_past_the_bound_gets_an_in_band_error_and_done(ha
     assert "0.3 s" in got[-2]["error"]["message"]
     _, usage, status = await harness.billing.one_settlement()
     assert status is Status.TIMED_OUT and 1 <= usage.completion_tokens < 2000
+
+
+async def test_logprobs_are_refused_where_the_output_is_moderated(harness):
+    """The guard judges returned text, not the alternatives logprobs (or echoed prompt logprobs) would show."""
+    harness.billing.guard = "output"
+    for fields in ({"logprobs": 2}, {"logprobs": 0, "echo": True, "max_tokens": 0}):
+        harness.billing.settled.clear()
+        res = await harness.post(body(**fields))
+        assert res.status_code == 400 and error_of(res)["param"] == "logprobs", res.body
+        (_, usage, status), = harness.billing.settled
+        assert status is Status.INVALID_REQUEST and not status.charged and usage.completion_tokens == 0
+    harness.billing.guard = "input"  # only the prompt is judged: logprobs are the model's, as asked
+    assert (await harness.post(body(logprobs=2))).status_code == 200
+
+
+async def test_an_unknown_key_is_refused_before_its_body_is_read(harness):
+    scope, _ = request_scope(body(), "qbt_" + "x" * 40, None)
+
+    async def receive():
+        raise AssertionError("the body of an unauthenticated request was read")
+
+    from starlette.requests import Request
+
+    res = await harness.gateway.completions.handle(Request(scope, receive))
+    assert res.status_code == 401 and error_of(res)["code"] == "invalid_api_key"
+
+
+async def test_too_many_sequences_and_a_trickled_body_are_refused(harness):
+    res = await harness.post(body(prompt=["a"] * 20, n=4, best_of=20))
+    assert res.status_code == 400 and error_of(res)["param"] == "n" and "400 sequences" in error_of(res)["message"]
+    assert harness.billing.admitted == []  # refused before anything was reserved
+    harness.gateway.completions.body_read_s = 0.2
+    scope, _ = request_scope(body(), KEY, None)
+
+    async def trickle():
+        await asyncio.sleep(5)
+        return {"type": "http.request", "body": b"{", "more_body": True}
+
+    from starlette.requests import Request
+
+    res = await harness.gateway.completions.handle(Request(scope, trickle))
+    assert res.status_code == 400 and "did not arrive within 0.2 s" in error_of(res)["message"]
