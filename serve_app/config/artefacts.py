@@ -1,5 +1,5 @@
-"""The artefacts built from the catalog: a Serve config per profile and, for `prod`, the KubeRay RayService. One
-source of truth; the checked-in artefacts are tested for drift (`qbt config build --check`)."""
+"""The artefacts built from the catalog: a Serve config per profile and, for `prod`, the KubeRay RayService and its
+NetworkPolicies. One source of truth; the checked-in artefacts are tested for drift (`qbt config build --check`)."""
 
 from __future__ import annotations
 
@@ -28,4 +28,5 @@ def build(name: str, catalog: Catalog | None = None) -> dict[Path, str]:
     out = {serve_config_path(name): render_yaml(catalog.serve_config(name), header)}
     if name == "prod":
         out[kuberay.MANIFEST] = kuberay.render(catalog, catalog.serve_config(name))
+        out[kuberay.NETWORK_POLICY] = kuberay.render_network_policies()
     return out

@@ -10,6 +10,29 @@ The ledger exporter runs beside the ingress, so on the head; a PostgreSQL ledger
 `qbt-postgres` (key `password`), mounted read-only on the head alone, in the directory of the profile's
 `ledger.password_file` (the file name is the key's path), never in env, argv or the manifest. GPU workers do not get
 it. `qbt config build` fails where the prod ledger is PostgreSQL and the password could not reach it that way.
+
+Hardening ("a cluster nobody can take over"):
+- Ray token authentication: `rayClusterConfig.authOptions` (mode token, secretName `qbt-ray-token`, key `auth_token`).
+  This is KubeRay's own wiring (1.6+), and the only one under which the operator can still talk to the dashboard: its
+  dashboard client reads that Secret to authenticate the serveConfigV2 submission and the health checks. Each Ray
+  container also declares `RAY_AUTH_MODE=token` and `RAY_AUTH_TOKEN` (secretKeyRef) itself, exactly what the operator
+  would inject, so the manifest says so. A file with `RAY_AUTH_TOKEN_PATH` would buy nothing: the operator injects
+  the env var into every container that lacks it, and every Ray process of the pod must hold the token anyway.
+- Redis's URL (its password) is in the env of the head only, where the ingress and the ledger exporter run (pinned by
+  the ingress label selector); model replicas (deployments/) never touch Redis, so GPU workers get no REDIS_URL.
+- Ports: the head container declares the Serve port (8000, the only one meant for outside), the GCS (6379, for the
+  workers), the dashboard (8265: the operator finds it by this port's name) and metrics (8080); no Ray client (10001).
+- NetworkPolicy, in the separate generated file cluster/kuberay/networkpolicy.yaml (a List, `kubectl apply -f` it in
+  the RayService's namespace): every Ray pod (selected by POD_LABEL, which this template sets: KubeRay's own
+  `ray.io/cluster` label carries the generated RayCluster name, `qubittron-serve-xxxxx`, which changes on upgrades)
+  takes traffic on any port from Ray pods of the same service (Ray picks node manager, object manager and worker
+  ports at random: KubeRay's own NetworkPolicy controller allows all ports inside a cluster too), the Serve port from
+  SERVE_FROM (None: anywhere), metrics from the MONITORING_NAMESPACE, and the head's dashboard from the KubeRay
+  operator's pods in OPERATOR_NAMESPACE. Everything else (dashboard/Jobs API, GCS, Ray client, dashboard agent) is
+  refused from outside the cluster's pods. Egress stays open (Redis, PostgreSQL, the model hub).
+- securityContext on every container, the autoscaler sidecar's included (non-root uid 1000, no privilege
+  escalation, no capabilities, RuntimeDefault seccomp); the pods' fsGroup 100 lets the `ray` user read Secret files.
+- The image: IMAGE_DIGEST, when set, pins it by digest (operators should); the build refuses a `latest` or missing tag.
 """
 
 from __future__ import annotations
@@ -24,21 +47,80 @@ from serve_app.config.paths import CLUSTER
 from serve_app.config.service import ServiceConfig
 
 MANIFEST = CLUSTER / "kuberay" / "rayservice.yaml"
+NETWORK_POLICY = CLUSTER / "kuberay" / "networkpolicy.yaml"
+NAME = "qubittron-serve"
 RAY_VERSION = "2.60.0"
-IMAGE = "ghcr.io/qubittron/qubittron-serve:0.1.0-gpu"
+IMAGE_REPOSITORY = "ghcr.io/qubittron/qubittron-serve"
+IMAGE_TAG = "0.1.0-gpu"
+# Operators should pin the image by digest: set this to "sha256:<64 hex>" (the digest of the pushed IMAGE_TAG) and the
+# manifest uses `repository@sha256:...`, which no re-push can change. None: we publish no digest yet, so the tag.
+IMAGE_DIGEST: str | None = None
 REDIS_SECRET = {"name": "qbt-redis", "key": "url"}
+# KubeRay's authOptions.secretName: the operator reads the token from key `auth_token` (RAY_AUTH_TOKEN_SECRET_KEY).
+RAY_TOKEN_SECRET = {"name": "qbt-ray-token", "key": "auth_token"}
 POSTGRES_SECRET = {"name": "qbt-postgres", "key": "password"}
 SECRET_FILE_MODE = 0o400
 # The group of the image's `ray` user (rayproject/ray: uid 1000, gid 100). A Secret's files belong to root; with the
 # pod's fsGroup the kubelet gives them this group and group read (0400 becomes 0440), so that Ray can read them.
 RAY_GID = 100
+RAY_UID = 1000
 HEAD_CPUS = 4
+SERVE_PORT, GCS_PORT, DASHBOARD_PORT, METRICS_PORT = 8000, 6379, 8265, 8080
+# Every Ray pod of this service carries this label (set on both templates); the NetworkPolicies select by it.
+POD_LABEL = {"qubittron.io/ray-service": NAME}
+# Where the KubeRay operator runs (the immutable namespace-name label) and its pods' label (the same in the Helm chart
+# and kustomize installs); it reaches the head's dashboard to submit serveConfigV2 and poll Serve's status.
+OPERATOR_NAMESPACE = "kuberay-system"
+OPERATOR_POD_LABEL = {"app.kubernetes.io/component": "kuberay-operator"}
+MONITORING_NAMESPACE = "monitoring"
+# Who may reach the Serve port: None is anywhere (behind a TLS-terminating load balancer); a namespace selector's
+# matchLabels (e.g. {"kubernetes.io/metadata.name": "ingress-nginx"}) narrows it to the ingress controller.
+SERVE_FROM: dict | None = None
+# readOnlyRootFilesystem stays false: Ray writes its session directory (/tmp/ray: logs, sockets, spilled objects),
+# vLLM and Triton write compile caches under $HOME/.cache and Hugging Face downloads under $HOME; each needs an
+# emptyDir that has not been sized or tested on the GPU nodes yet.
+SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID,
+                    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
+                    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _env() -> list[dict]:
-    return [{"name": "REDIS_URL", "valueFrom": {"secretKeyRef": REDIS_SECRET}},
-            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token",
-                                                                 "optional": True}}}]
+def image() -> str:
+    """The Ray image, by digest where IMAGE_DIGEST is set. Raises ValueError for a mutable `latest` or missing tag."""
+    return image_reference(IMAGE_REPOSITORY, IMAGE_TAG, IMAGE_DIGEST)
+
+
+def image_reference(repository: str, tag: str | None, digest: str | None = None) -> str:
+    if digest is not None:
+        if not (digest.startswith("sha256:") and len(digest) == 71
+                and all(c in "0123456789abcdef" for c in digest[7:])):
+            raise ValueError(f"IMAGE_DIGEST {digest!r} is not sha256:<64 lowercase hex>")
+        return f"{repository}@{digest}"
+    if not tag or tag == "latest":
+        raise ValueError(f"the image {repository} needs a fixed tag (not {tag or 'none'!r}), or better IMAGE_DIGEST")
+    return f"{repository}:{tag}"
+
+
+def _auth_env() -> list[dict]:
+    """Ray token authentication: what KubeRay's authOptions would inject, declared so that the manifest says it."""
+    return [{"name": "RAY_AUTH_MODE", "value": "token"},
+            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": dict(RAY_TOKEN_SECRET)}}]
+
+
+def _env(redis: bool) -> list[dict]:
+    env = _auth_env()
+    if redis:
+        env.append({"name": "REDIS_URL", "valueFrom": {"secretKeyRef": dict(REDIS_SECRET)}})
+    env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token",
+                                                                     "optional": True}}})
+    return env
+
+
+def security_context() -> dict:
+    return dict(SECURITY_CONTEXT, capabilities={"drop": ["ALL"]}, seccompProfile={"type": "RuntimeDefault"})
+
+
+def _container(name: str, redis: bool, **fields) -> dict:
+    return {"name": name, "image": image(), "env": _env(redis), **fields, "securityContext": security_context()}
 
 
 def _resources(cpu: int | str, memory: str, gpus: int = 0) -> dict:
@@ -76,23 +158,26 @@ def ledger_secret(config: ServiceConfig) -> tuple[dict, dict] | None:
 
 def head_group(config: ServiceConfig) -> dict:
     labels = config.ingress.label_selector
-    params = {"num-cpus": str(HEAD_CPUS), "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"}
+    # The dashboard (and its Jobs API) listens on every interface because the KubeRay operator reaches it over the pod
+    # network; token authentication and the NetworkPolicy (the operator and this cluster's pods only) guard it.
+    params = {"num-cpus": str(HEAD_CPUS), "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)}
     if labels:
         params["labels"] = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-    container = {
-        "name": "ray-head", "image": IMAGE, "env": _env(),
-        "ports": [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"},
-                  {"containerPort": 8080, "name": "metrics"}],
-        "resources": _resources(HEAD_CPUS, "16Gi")}
-    spec: dict = {"containers": [container]}
+    # Only the Serve port is meant for outside; the GCS is for the workers, the dashboard for the operator (which finds
+    # it by name on the head Service), metrics for Prometheus. No Ray client port (10001): nothing here uses it.
+    container = _container(
+        "ray-head", redis=True,
+        ports=[{"containerPort": SERVE_PORT, "name": "serve"}, {"containerPort": GCS_PORT, "name": "gcs"},
+               {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
+               {"containerPort": METRICS_PORT, "name": "metrics"}],
+        resources=_resources(HEAD_CPUS, "16Gi"))
+    spec: dict = {"containers": [container], "securityContext": {"fsGroup": RAY_GID}}
     secret = ledger_secret(config)
     if secret is not None:
         volume, mount = secret
         container["volumeMounts"] = [mount]
         spec["volumes"] = [volume]
-        spec["securityContext"] = {"fsGroup": RAY_GID}
-    return {"rayStartParams": params, "template": {"spec": spec}}
+    return {"rayStartParams": params, "template": {"metadata": {"labels": dict(POD_LABEL)}, "spec": spec}}
 
 
 def worker_groups(catalog: Catalog) -> list[dict]:
@@ -109,14 +194,15 @@ def worker_groups(catalog: Catalog) -> list[dict]:
         groups.append({
             "groupName": f"gpu-{acc_type.lower()}",
             "replicas": nodes_min, "minReplicas": nodes_min, "maxReplicas": nodes_max,
-            "rayStartParams": {"num-cpus": str(acc.cpus_per_node - 2), "metrics-export-port": "8080"},
-            "template": {"spec": {
-                "containers": [{
-                    "name": "ray-worker", "image": IMAGE, "env": _env(),
-                    "resources": _resources(acc.cpus_per_node - 2, f"{acc.memory_gib_per_node - 16}Gi",
-                                            acc.gpus_per_node),
-                    "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
+            "rayStartParams": {"num-cpus": str(acc.cpus_per_node - 2), "metrics-export-port": str(METRICS_PORT)},
+            "template": {"metadata": {"labels": dict(POD_LABEL)}, "spec": {
+                "containers": [_container(
+                    "ray-worker", redis=False,
+                    resources=_resources(acc.cpus_per_node - 2, f"{acc.memory_gib_per_node - 16}Gi",
+                                         acc.gpus_per_node),
+                    volumeMounts=[{"name": "dshm", "mountPath": "/dev/shm"}])],
                 "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}}],
+                "securityContext": {"fsGroup": RAY_GID},
                 "nodeSelector": {"nvidia.com/gpu.product": acc.product},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
         })
@@ -129,13 +215,16 @@ def manifest(catalog: Catalog, serve_config: dict) -> dict:
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
-        "metadata": {"name": "qubittron-serve", "labels": {"app.kubernetes.io/name": "qubittron-serve"}},
+        "metadata": {"name": NAME, "labels": {"app.kubernetes.io/name": NAME}},
         "spec": {
             "serveConfigV2": yaml.safe_dump(apps, sort_keys=False, width=120),
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
+                "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET["name"]},
                 "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 600},
+                # The autoscaler sidecar KubeRay adds to the head (the same image) gets the same securityContext.
+                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 600,
+                                      "securityContext": security_context()},
                 "headGroupSpec": head_group(catalog.service_config("prod")),
                 "workerGroupSpecs": worker_groups(catalog),
             },
@@ -146,10 +235,62 @@ def manifest(catalog: Catalog, serve_config: dict) -> dict:
 def render(catalog: Catalog, serve_config: dict) -> str:
     data = manifest(catalog, serve_config)
     header = ("# Generated from cluster/catalog.yaml by `qbt config build --profile prod`; do not edit.\n"
-              "# Needs Secrets qbt-redis (key url: the Redis URL)")
+              f"# Needs Secrets {RAY_TOKEN_SECRET['name']} (key {RAY_TOKEN_SECRET['key']}: Ray's auth token, e.g. "
+              f"`openssl rand -hex 32`),\n"
+              "# qbt-redis (key url: the Redis URL, the head's env alone)")
     secret = ledger_secret(catalog.service_config("prod"))
     if secret is not None:
         header += (f", {POSTGRES_SECRET['name']} (key {POSTGRES_SECRET['key']}: the ledger database's password,\n"
                    f"# mounted read-only on the head alone, in {secret[1]['mountPath']})")
     header += " and optionally hf-token (key token).\n"
-    return header + yaml.safe_dump(data, sort_keys=False, width=120)
+    return header + _dump(data)
+
+
+class _Dumper(yaml.SafeDumper):
+    """No `&id001` anchors where two places of a manifest share a dict: each place is spelled out."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def _dump(data: dict) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120)
+
+
+def _policy(name: str, pod_selector: dict, rule: dict) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"{NAME}-{name}", "labels": {"app.kubernetes.io/name": NAME}},
+            "spec": {"podSelector": {"matchLabels": pod_selector}, "policyTypes": ["Ingress"], "ingress": [rule]}}
+
+
+def _tcp(port: int) -> list[dict]:
+    return [{"protocol": "TCP", "port": port}]
+
+
+def network_policies() -> list[dict]:
+    """Ingress rules for the Ray pods; NetworkPolicies add up, so a port none of them opens is closed."""
+    pods = dict(POD_LABEL)
+    serve: dict = {"ports": _tcp(SERVE_PORT)}
+    if SERVE_FROM is not None:
+        serve["from"] = [{"namespaceSelector": {"matchLabels": dict(SERVE_FROM)}}]
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": OPERATOR_NAMESPACE}},
+                "podSelector": {"matchLabels": dict(OPERATOR_POD_LABEL)}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}
+    return [
+        # Ray's own traffic (GCS, raylets, object managers, workers, dashboard agents) on any port: Ray picks most of
+        # them at random.
+        _policy("ray-internal", pods, {"from": [{"podSelector": {"matchLabels": pods}}]}),
+        _policy("serve", pods, serve),
+        _policy("metrics", pods, {"from": [monitoring], "ports": _tcp(METRICS_PORT)}),
+        _policy("kuberay-operator", {**pods, "ray.io/node-type": "head"},
+                {"from": [operator], "ports": _tcp(DASHBOARD_PORT)}),
+    ]
+
+
+def render_network_policies() -> str:
+    header = ("# Generated by `qbt config build --profile prod`; do not edit (see serve_app/config/kuberay.py).\n"
+              f"# Apply in the RayService's namespace; needs a CNI that enforces NetworkPolicy. Only the Serve port "
+              f"({SERVE_PORT}) is\n# open to {'anywhere' if SERVE_FROM is None else SERVE_FROM}; Ray's ports only "
+              f"to this service's Ray pods, the dashboard also to the KubeRay\n# operator ({OPERATOR_NAMESPACE}), "
+              f"metrics to {MONITORING_NAMESPACE}.\n")
+    return header + _dump({"apiVersion": "v1", "kind": "List", "items": network_policies()})

@@ -206,6 +206,7 @@ class ServiceConfig(BaseModel):
     max_sequences: Annotated[int, Field(ge=1)] = 256  # prompts x max(n, best_of) in one request
     default_rpm: Annotated[int, Field(ge=0)] = 0
     default_tpm: Annotated[int, Field(ge=0)] = 0
+    default_concurrency: Annotated[int, Field(ge=0)] = 0  # requests in flight per key; 0: no cap (as rpm/tpm)
     reservation_ttl_s: Annotated[float, Field(gt=0)] = 900
     max_request_s: Annotated[float, Field(gt=0)] = 900
     delivery_checkpoint_s: Annotated[float, Field(gt=0)] = 2.0  # what an ingress crash can leave unbilled, at most

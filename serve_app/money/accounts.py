@@ -97,11 +97,12 @@ def show_account(r, name: str) -> dict:
 
 
 def create_key(r, account: str, rpm: int | None = None, tpm: int | None = None,
-               guard: str | None = None, safety_models: bool = False) -> tuple[str, str]:
+               guard: str | None = None, safety_models: bool = False,
+               concurrency: int | None = None) -> tuple[str, str]:
     """Returns (key, key_id); the key itself is not stored anywhere. `safety_models` lets the key call the guard
     models directly (a moderation customer); other keys cannot probe what the guard lets through."""
     _require(r, account)
-    rpm, tpm = _limit("rpm", rpm), _limit("tpm", tpm)
+    rpm, tpm, concurrency = _limit("rpm", rpm), _limit("tpm", tpm), _limit("concurrency", concurrency)
     key = keys.new_key()
     digest = keys.key_hash(key)
     kid = keys.key_id(digest)
@@ -110,6 +111,8 @@ def create_key(r, account: str, rpm: int | None = None, tpm: int | None = None,
         fields["rpm"] = rpm
     if tpm is not None:
         fields["tpm"] = tpm
+    if concurrency is not None:
+        fields["concurrency"] = concurrency
     if safety_models:
         fields["safety_models"] = "1"
     if guard is not None:

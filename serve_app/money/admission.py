@@ -35,6 +35,7 @@ for _, rid in ipairs(expired) do
     local cost = 0
     if dc > 0 then cost = math.min(cost_micros(dp, dc, tonumber(r.pin), tonumber(r.pout)), tonumber(r.reserved)) end
     redis.call('HINCRBY', acct, 'reserved', 0 - tonumber(r.reserved))
+    release_slot(rk)
     if dc > 0 then  -- as a settlement would count it (a late one then counts only the rest)
       redis.call('HINCRBY', acct, 'balance', 0 - cost)
       redis.call('HINCRBY', acct, 'spent', cost)
@@ -84,6 +85,8 @@ if t_ok == 0 then
   if tpm > 0 and tokens > tpm then return {'rate_limit_exceeded', 'tokens_over', tpm, tokens, 0, rpm, r_rem, 0} end
   return {'rate_limit_exceeded', 'tokens', rpm, r_rem, r_reset, tpm, t_rem, t_reset}
 end
+local cap = tonumber(k.concurrency) or tonumber(ARGV[12]) or 0
+if cap > 0 and (tonumber(k.inflight) or 0) >= cap then return {'rate_limit_exceeded', 'concurrency', cap} end
 
 local pin, pout = tonumber(ARGV[4]), tonumber(ARGV[5])
 local cost = cost_micros(prompt, completion, pin, pout)
@@ -98,7 +101,8 @@ local rsv = reservation_args({account = k.account, key_id = k.key_id, reserved =
 if rpm > 0 then redis.call('HSET', KEYS[1], 'rpm_tat', tostring(r_tat)) end
 if tpm > 0 then redis.call('HSET', KEYS[1], 'tpm_tat', tostring(t_tat)) end
 redis.call('HINCRBY', acct, 'reserved', cost)
-redis.call('HSET', rk, 'reply', cjson.encode(reply), unpack(rsv))
+if cap > 0 then redis.call('HINCRBY', KEYS[1], 'inflight', 1) end
+redis.call('HSET', rk, 'reply', cjson.encode(reply), 'slot', cap > 0 and '1' or '0', unpack(rsv))
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[1])
 return reply
 """, batch=RECONCILE_BATCH, expired=Status.EXPIRED.value)
@@ -143,10 +147,12 @@ def unreachable(detail: str = "; requests are refused rather than served unmeter
 
 
 class Admitter:
-    def __init__(self, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float):
+    def __init__(self, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float,
+                 default_concurrency: int = 0):
         self.redis = redis
         self.default_rpm = default_rpm
         self.default_tpm = default_tpm
+        self.default_concurrency = default_concurrency
         self.ttl_ms = int(reservation_ttl_s * 1000)
         self._script = redis.register_script(ADMIT_LUA)
         self._authenticate = redis.register_script(AUTHENTICATE_LUA)
@@ -156,7 +162,8 @@ class Admitter:
         """`completion_id` is unique and keys the reservation; `request_id` (x-request-id) goes to the ledger;
         a `safety_model` is served only to keys allowed to call the guard models."""
         args = [completion_id, prompt_tokens, max_completion_tokens, prices.input_micros, prices.output_micros,
-                self.ttl_ms, self.default_rpm, self.default_tpm, model, request_id, "1" if safety_model else "0"]
+                self.ttl_ms, self.default_rpm, self.default_tpm, model, request_id, "1" if safety_model else "0",
+                self.default_concurrency]
         try:
             res = await self._script(keys=[keyspace.key_record(key_hash), keyspace.LEDGER,
                                            keyspace.RESERVATION_EXPIRY], args=args)

@@ -31,9 +31,9 @@ class Billing:
         self._known: dict[str, float] = {}  # key hash -> until when it is taken as known (admission re-checks)
 
     @classmethod
-    def on(cls, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float, checkpoint_s: float = 2.0
-           ) -> Billing:
-        return cls(Admitter(redis, default_rpm, default_tpm, reservation_ttl_s), Settler(redis),
+    def on(cls, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float, checkpoint_s: float = 2.0,
+           default_concurrency: int = 0) -> Billing:
+        return cls(Admitter(redis, default_rpm, default_tpm, reservation_ttl_s, default_concurrency), Settler(redis),
                    Leases(redis, reservation_ttl_s, checkpoint_s))
 
     async def authenticate(self, key: str) -> str:

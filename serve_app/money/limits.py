@@ -55,6 +55,9 @@ def rate_limit_error(res) -> ApiError:
     """From the admission script's refusal: its kind, then rpm, remaining, reset (the wait when it is the one
     refused), tpm, remaining, reset."""
     kind = res[0]
+    if kind == "concurrency":
+        return ApiError(Code.RATE_LIMIT_EXCEEDED, f"Too many concurrent requests for this key: limit {int(res[1])}. "
+                        "Retry when one of them has finished.", headers={"Retry-After": "1"})
     if kind == "tokens_over":
         limit, requested = int(res[1]), int(res[2])
         return ApiError(Code.RATE_LIMIT_EXCEEDED,

@@ -22,13 +22,14 @@ end
 """
 
 # A key is valid while its record exists and it is not revoked. Returns the fields in KEY_FIELDS order, or nil.
-KEY_FIELDS = ("account", "key_id", "revoked", "rpm", "tpm", "rpm_tat", "tpm_tat", "guard", "safety_models")
+KEY_FIELDS = ("account", "key_id", "revoked", "rpm", "tpm", "rpm_tat", "tpm_tat", "guard", "safety_models",
+              "concurrency", "inflight")
 ACTIVE_KEY = """
 local function active_key(record)
   local k = redis.call('HMGET', record, $key_fields)
   if not k[1] or k[3] == '1' then return nil end
   return {account = k[1], key_id = k[2], rpm = k[4], tpm = k[5], rpm_tat = k[6], tpm_tat = k[7], guard = k[8],
-          safety_models = k[9]}
+          safety_models = k[9], concurrency = k[10], inflight = k[11]}
 end
 """
 
@@ -66,8 +67,18 @@ local function read_reservation(rk)
   return r, 'ok'
 end
 
+-- A reservation that took one of its key's concurrent-request slots gives it back (settled, reconciled or set
+-- aside: whatever ends it), so a slot cannot leak when an ingress dies.
+local function release_slot(rk)
+  local s = redis.call('HMGET', rk, 'slot', 'keyrec')
+  if s[1] == '1' and s[2] and (tonumber(redis.call('HGET', s[2], 'inflight')) or 0) > 0 then
+    redis.call('HINCRBY', s[2], 'inflight', -1)
+  end
+end
+
 -- A corrupt reservation moves aside for the operator (`qbt:rsv:corrupt:<id>`, counted in `qbt:stats`).
 local function set_aside(rk, rid)
+  release_slot(rk)
   redis.call('RENAME', rk, '$corrupt_prefix' .. rid)
   redis.call('HINCRBY', '$stats', 'corrupt_reservations', 1)
 end

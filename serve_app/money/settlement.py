@@ -39,6 +39,7 @@ if state == 'missing' then
 else
   reserved = tonumber(r.reserved)
 end
+if state == 'ok' then release_slot(KEYS[1]) end
 local cost = 0
 if ARGV[5] == '1' then
   cost = cost_micros(prompt, completion, tonumber(r.pin), tonumber(r.pout))

@@ -89,7 +89,7 @@ def cmd_keys(args) -> int:
             print(f"created account {args.account} with no credit (top it up: qbt accounts topup "
                   f"{args.account} USD)")
         key, kid = accounts.create_key(r, args.account, rpm=args.rpm, tpm=args.tpm, guard=args.guard,
-                                       safety_models=args.safety_models)
+                                       safety_models=args.safety_models, concurrency=args.concurrency)
         print(f"key id {kid} for account {args.account}; the key is shown once:")
         print(key)
     elif args.action == "revoke":
@@ -164,6 +164,7 @@ def parser() -> argparse.ArgumentParser:
     kc.add_argument("--account", default="default")
     kc.add_argument("--rpm", type=int, default=None, help="requests per minute, positive (default: the service's)")
     kc.add_argument("--tpm", type=int, default=None, help="tokens per minute, positive (default: the service's)")
+    kc.add_argument("--concurrency", type=int, default=None, help="requests in flight at once, positive")
     kc.add_argument("--safety-models", action="store_true", help="may call the guard models directly")
     kc.add_argument("--guard", default=None, help=f"{'|'.join(m.value for m in GuardMode)}, optionally "
                     "',loose' (Controversial passes) and ',open' (traffic passes when the guard is down); default: "

@@ -57,7 +57,7 @@ class Gateway:
                                  GuardPolicy(g.default_mode, g.block_controversial, g.fail_open),
                                  g.stream_window_tokens, metrics)
         billing = Billing.on(redis, config.default_rpm, config.default_tpm, config.reservation_ttl_s,
-                             config.delivery_checkpoint_s)
+                             config.delivery_checkpoint_s, config.default_concurrency)
         return cls(config, router, billing, safety, metrics, redis.ping, ledger=ledger)
 
     def app(self) -> Starlette:

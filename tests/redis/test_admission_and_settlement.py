@@ -218,7 +218,7 @@ async def test_reservations_hold_exactly_the_fields_settlement_reads(r, replicas
     _, kh = customer(r, credits="1")
     a = await admit(replicas[0][0], kh)
     stored = r.hgetall(keyspace.reservation(a.completion_id))
-    assert set(stored) == set(lua.RESERVATION_FIELDS) | {"reply"}
+    assert set(stored) == set(lua.RESERVATION_FIELDS) | {"reply", "slot"}  # slot: optional, read on its own
 
 
 async def test_a_corrupt_reservation_is_set_aside_and_never_blocks_admission(r, redis_server):
@@ -377,3 +377,27 @@ async def test_a_key_is_revoked_by_its_id_and_limits_are_positive(r, replicas):
             accounts.create_key(r, name, rpm=bad)
         with pytest.raises(accounts.AccountError, match="positive"):
             accounts.create_key(r, name, tpm=bad)
+
+
+async def test_a_keys_concurrent_requests_are_capped_and_slots_never_leak(r, redis_server):
+    """Taken at admission, given back by settlement, by the reconciliation of an expired reservation (a dead
+    ingress), and never twice."""
+    name, kh = customer(r, credits="1", concurrency=2)
+    client = keyspace.async_client(redis_server.url)
+    admitter, settler = Admitter(client, 0, 0, 900), Settler(client)
+    first, second = await admit(admitter, kh), await admit(admitter, kh)
+    refused = await outcome(admit(admitter, kh))
+    assert refused is Code.RATE_LIMIT_EXCEEDED
+    await settler.settle(Settlement(first.completion_id, 6, 3, Status.OK))
+    await settler.settle(Settlement(first.completion_id, 6, 3, Status.OK))  # a replay gives nothing back twice
+    third = await admit(admitter, kh)
+    assert int(r.hget(keyspace.key_record(kh), "inflight")) == 2
+    short = Admitter(client, 0, 0, reservation_ttl_s=0.05)
+    r.zadd(keyspace.RESERVATION_EXPIRY, {second.completion_id: 0, third.completion_id: 0})  # their ingress died
+    await asyncio.sleep(0.1)
+    other_name, other = customer(r, credits="1")
+    await admit(short, other)  # any admission reconciles them
+    assert int(r.hget(keyspace.key_record(kh), "inflight")) == 0
+    assert not isinstance(await outcome(admit(admitter, kh)), Code)
+    with pytest.raises(accounts.AccountError, match="positive"):
+        accounts.create_key(r, name, concurrency=0)

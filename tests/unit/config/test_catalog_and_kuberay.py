@@ -157,7 +157,9 @@ def test_rayservice_shape(catalog):
         spec = g["template"]["spec"]
         assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
         env = {e["name"]: e for e in spec["containers"][0]["env"]}
-        assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "qbt-redis"
+        assert "REDIS_URL" not in env  # model replicas never touch Redis: only the head (the ingress) gets it
+    head_env = {e["name"]: e for e in head["env"]}
+    assert head_env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "qbt-redis"
     h100_gpus_max = sum(m.accelerator.count * m.autoscaling.max_replicas for m in catalog.models
                         if m.accelerator.type == "H100")
     assert groups["gpu-h100"]["maxReplicas"] * 8 >= h100_gpus_max
