@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from serve_app.config import artefacts, catalog as catalogs, kuberay, sizing
 from serve_app.serving.app import placement
+from tests.unit.config.conftest import crd_schema
 
 ROOT = Path(__file__).resolve().parents[3]
-CRDS = ROOT / "tests" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +128,6 @@ def test_prod_ingress_is_pinned_to_the_labelled_head(catalog):
     assert head["labels"] == "qubittron.io/role=gateway"
     assert all("labels" not in g["rayStartParams"]
                for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"])
-
-
-def crd_schema(name: str) -> dict:
-    crd = yaml.safe_load((CRDS / name).read_text())
-    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
 
 
 def test_rayservice_validates_against_kuberay_crd():

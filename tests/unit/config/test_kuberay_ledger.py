@@ -15,23 +15,9 @@ from serve_app.config import artefacts, catalog as catalogs, kuberay
 from serve_app.config.service import ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[3]
-CRD = ROOT / "tests" / "data" / "ray.io_rayservices.yaml"
 MOUNT = "/etc/qbt/postgres"
 
 
-@pytest.fixture(scope="module")
-def manifest() -> dict:
-    return yaml.safe_load(kuberay.MANIFEST.read_text())
-
-
-@pytest.fixture(scope="module")
-def cluster(manifest) -> dict:
-    return manifest["spec"]["rayClusterConfig"]
-
-
-def crd_schema() -> dict:
-    crd = yaml.safe_load(CRD.read_text())
-    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
 
 
 def catalog_with_prod_ledger(ledger: dict | None, **service) -> catalogs.Catalog:
@@ -57,8 +43,8 @@ def walk(node, key: str):
             yield from walk(v, key)
 
 
-def test_the_manifest_with_the_secret_volume_validates_against_the_crd(manifest):
-    schema = crd_schema()
+def test_the_manifest_with_the_secret_volume_validates_against_the_crd(manifest, rayservice_schema):
+    schema = rayservice_schema
     jsonschema.validate(manifest, schema)
     # The schema does cover the head's volumes: a mistyped file mode is refused.
     bad = copy.deepcopy(manifest)

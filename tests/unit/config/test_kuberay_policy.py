@@ -16,19 +16,8 @@ from serve_app.config import artefacts, kuberay
 from serve_app.config import catalog as catalogs
 
 ROOT = Path(__file__).resolve().parents[3]
-CRD = ROOT / "tests" / "data" / "ray.io_rayservices.yaml"
 RAY_PORTS = {6379, 8265, 10001, 52365}  # GCS, dashboard (Jobs API), Ray client, dashboard agent
 SECRETISH = re.compile(r"PASSWORD|TOKEN|SECRET|KEY|CREDENTIAL", re.IGNORECASE)
-
-
-@pytest.fixture(scope="module")
-def manifest() -> dict:
-    return yaml.safe_load(kuberay.MANIFEST.read_text())
-
-
-@pytest.fixture(scope="module")
-def cluster(manifest) -> dict:
-    return manifest["spec"]["rayClusterConfig"]
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +86,8 @@ def open_to_anywhere(policies: list[dict]) -> set:
 
 # -- the RayService ---------------------------------------------------------------------------------------------------
 
-def test_the_rayservice_validates_against_the_crd(manifest):
-    crd = yaml.safe_load(CRD.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+def test_the_rayservice_validates_against_the_crd(manifest, rayservice_schema):
+    schema = rayservice_schema
     jsonschema.validate(manifest, schema)
     bad = copy.deepcopy(manifest)
     bad["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "password"
