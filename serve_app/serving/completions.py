@@ -224,14 +224,17 @@ class CompletionPath:
     async def _first_unless_refused(self, call: Call, stream) -> StreamItem | None:
         """The first item; None when the input guard refuses before it comes, so that the refused prompt's
         generation is cancelled at once and costs the engine no more than the guard's latency."""
-        first = asyncio.ensure_future(asyncio.wait_for(anext(stream), self.first_item_timeout_s))
         check = call.screening.input_check
+        if check is not None and check.done() and await call.screening.input_verdict() is not None:
+            return None
+        if check is None or check.done():  # nothing to race: no task of its own
+            return await asyncio.wait_for(anext(stream), self.first_item_timeout_s)
+        first = asyncio.ensure_future(asyncio.wait_for(anext(stream), self.first_item_timeout_s))
         try:
-            if check is not None:
-                await asyncio.wait((first, check), return_when=asyncio.FIRST_COMPLETED)
-                if not first.done() and await call.screening.input_verdict() is not None:
-                    first.cancel()
-                    return None
+            await asyncio.wait((first, check), return_when=asyncio.FIRST_COMPLETED)
+            if not first.done() and await call.screening.input_verdict() is not None:
+                first.cancel()
+                return None
             return await first
         except BaseException:
             first.cancel()
