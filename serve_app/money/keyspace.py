@@ -21,6 +21,16 @@ def redis_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
 
 
+def credentials() -> dict:
+    """Redis's password from the file `REDIS_PASSWORD_FILE` names (`qbt serve` makes one for the Redis it starts):
+    never in the URL, argv or an environment variable's value."""
+    path = os.environ.get("REDIS_PASSWORD_FILE")
+    if not path:
+        return {}
+    with open(path) as f:
+        return {"password": f.read().strip()}
+
+
 def key_record(key_hash: str) -> str:
     return KEY_RECORD_PREFIX + key_hash
 
@@ -50,7 +60,7 @@ def async_client(url: str | None = None, max_connections: int = 64):
     from redis.exceptions import ConnectionError, TimeoutError
 
     pool = redis.BlockingConnectionPool.from_url(
-        redis_url(url), max_connections=max_connections, timeout=5, decode_responses=True,
+        redis_url(url), **credentials(), max_connections=max_connections, timeout=5, decode_responses=True,
         socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[ConnectionError, TimeoutError])
@@ -60,4 +70,5 @@ def async_client(url: str | None = None, max_connections: int = 64):
 def sync_client(url: str | None = None):
     import redis
 
-    return redis.from_url(redis_url(url), decode_responses=True, socket_connect_timeout=2, socket_timeout=5)
+    return redis.from_url(redis_url(url), **credentials(), decode_responses=True, socket_connect_timeout=2,
+                          socket_timeout=5)

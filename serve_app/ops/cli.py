@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -189,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    own = ROOT / ".run" / "redis" / "password"  # `make serve`'s Redis, when no other is named
+    if not (args.redis_url or os.environ.get("REDIS_URL") or os.environ.get("REDIS_PASSWORD_FILE")) and own.exists():
+        os.environ["REDIS_PASSWORD_FILE"] = str(own)
     try:
         return args.func(args) or 0
     except Exception as exc:

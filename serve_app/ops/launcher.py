@@ -1,6 +1,7 @@
 """`qbt serve`: the whole local stack in one process tree, and nothing left behind when it stops.
 
-Builds missing dev models, starts Redis if `REDIS_URL` does not answer (append-only file, fsynced on every write), starts Ray, deploys
+Builds missing dev models, starts Redis if `REDIS_URL` does not answer (loopback, its own password in
+`.run/redis/password`, append-only file fsynced on every write), starts Ray, deploys
 the Serve config and waits for `/health`. The launcher makes itself a child subreaper, so that processes orphaned
 under it (vLLM engine cores of killed replicas) are re-parented to it and stopped by process id on exit.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +47,16 @@ def become_subreaper() -> None:
         say("warning: could not become a child subreaper; orphaned engine processes may outlive this run")
 
 
+def own_redis_password(explicit_url: str | None, run_dir: Path) -> Path | None:
+    """The local profile's own Redis (no REDIS_URL given) has a password; a Redis given by URL keeps whatever
+    `REDIS_PASSWORD_FILE` says (nothing by default)."""
+    if explicit_url or os.environ.get("REDIS_URL") or os.environ.get("REDIS_PASSWORD_FILE"):
+        return None
+    path = local_redis_password(run_dir / "redis")
+    os.environ["REDIS_PASSWORD_FILE"] = str(path)
+    return path
+
+
 def die_with_parent() -> None:
     """In a child before exec: it gets SIGTERM when the launcher dies, however it dies (Ray's core worker ends the
     launcher's process when Ray's own processes are killed with it, before its cleanup can stop Redis)."""
@@ -58,14 +70,35 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def redis_command(binary: str, port: int, data_dir: Path) -> list[str]:
+def redis_command(binary: str, port: int, data_dir: Path, config: Path | None = None) -> list[str]:
     """Money in Redis is acknowledged only once on disk: the append-only file is fsynced on every write, so a
-    crash (even kill -9) loses no acknowledged settlement, top-up or revocation."""
-    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--appendonly", "yes",
-            "--appendfsync", "always", "--save", "", "--daemonize", "no"]
+    crash (even kill -9) loses no acknowledged settlement, top-up or revocation. Loopback only; a `config` file
+    (the password) comes first, as redis-server wants it."""
+    return [binary, *([str(config)] if config else []), "--port", str(port), "--bind", "127.0.0.1",
+            "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+            "--daemonize", "no"]
 
 
-def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
+def local_redis_password(data_dir: Path) -> Path:
+    """The local Redis's password, made once and kept (mode 0600) beside its data; clients read it from the file."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "password"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def redis_config(data_dir: Path, password_file: Path) -> Path:
+    """`requirepass` in a 0600 file, so the password is in no argv (`ps` shows the file's name only)."""
+    path = data_dir / "redis.conf"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(f"requirepass {password_file.read_text().strip()}\n")
+    return path
+
+
+def start_redis(url: str, data_dir: Path, password_file: Path | None = None) -> subprocess.Popen:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed and REDIS_URL does not answer: install it "
@@ -73,8 +106,9 @@ def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
     port = urlparse(url).port or 6379
     data_dir.mkdir(parents=True, exist_ok=True)
     say(f"starting redis-server on 127.0.0.1:{port} (data in {data_dir}, append-only file on)")
-    proc = subprocess.Popen(redis_command(binary, port, data_dir) + ["--logfile", str(data_dir / "redis.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    config = redis_config(data_dir, password_file) if password_file else None
+    command = redis_command(binary, port, data_dir, config) + ["--logfile", str(data_dir / "redis.log")]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             preexec_fn=die_with_parent)
     for _ in range(100):
         if redis_answers(url):
@@ -184,8 +218,9 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
             say(f"dev model {model_id} at {path}")
         serve_config = load_yaml(config_path)
         url = keyspace.redis_url(redis_url)
+        password_file = own_redis_password(redis_url, run_dir)
         if not redis_answers(url):
-            redis_proc = start_redis(url, run_dir / "redis")
+            redis_proc = start_redis(url, run_dir / "redis", password_file)
         key = dev_key(url, run_dir)
         http = serve_config.get("http_options", {})
         port = port or int(http.get("port", 8000))
@@ -268,6 +303,8 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int, ru
             f"{host}:{proxy_port}")
     say(f"starting Ray ({num_cpus} logical CPUs) and deploying {len(serve_config['applications'])} app(s)")
     env = {"REDIS_URL": url, "QBT_MODELS_DIR": str(models_dir())}
+    if os.environ.get("REDIS_PASSWORD_FILE"):  # the file's name, not the password
+        env["REDIS_PASSWORD_FILE"] = os.environ["REDIS_PASSWORD_FILE"]
     env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
              _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
