@@ -229,8 +229,10 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         wait_healthy(port, startup_timeout_s, _fail_if_deploy_failed)
-        say(f"ready on http://127.0.0.1:{port}  dev key: {key}")
-        say(f"try: curl http://127.0.0.1:{port}/v1/completions -H 'Authorization: Bearer {key}' "
+        # The key stays out of the log (a supervisor's log outlives the terminal): its file and its id are shown.
+        key_file = run_dir / "dev-key"
+        say(f"ready on http://127.0.0.1:{port}  dev key in {key_file} ({keys.key_id(keys.key_hash(key))})")
+        say(f"try: curl http://127.0.0.1:{port}/v1/completions -H \"Authorization: Bearer $(cat {key_file})\" "
             "-H 'Content-Type: application/json' "
             "-d '{\"model\": \"qbt-dev-llm\", \"prompt\": \"The capital of Canada is\", \"max_tokens\": 16, "
             "\"temperature\": 0}'")
