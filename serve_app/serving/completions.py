@@ -93,8 +93,8 @@ class CompletionPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The route: the whole exchange, sending included, is bounded by `max_request_s`, so that no request (a
         client that stops reading among them) outlives its reservation's lease. One timer per request, none per
-        token. Past the bound, a request that has not answered yet gets a 502; a stream is cut off; either way it
-        settles what was produced (TIMED_OUT)."""
+        token. Past the bound, a request that has not answered yet gets a 502 and pays nothing; a stream is cut off
+        (in-band ending if its client still reads) and pays what was produced once text had left (TIMED_OUT)."""
         response = None
         try:
             async with asyncio.timeout(self.max_request_s) as bound:
