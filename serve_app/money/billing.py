@@ -57,11 +57,12 @@ class Billing:
     async def admit(self, key: str, completion_id: str, request_id: str, model: str, prices: PriceRates,
                     req: CompletionRequest, prompt_ids: list[list[int]], safety_model: bool = False) -> Admission:
         """Authenticates, applies the key's rate limits and reserves the worst-case cost, in one Redis trip."""
-        admission = await self.admitter.admit(keys.key_hash(key), completion_id, request_id, model, prices,
+        digest = keys.key_hash(key)
+        admission = await self.admitter.admit(digest, completion_id, request_id, model, prices,
                                               sum(len(p) for p in prompt_ids),
                                               completion_budget(req, len(prompt_ids)), safety_model)
         self.leases.hold(admission)  # renewed (and a stream's delivery checkpointed) while the request runs
-        self._remember(keys.key_hash(key))
+        self._remember(digest)
         return admission
 
     async def settle(self, admission: Admission, usage: Usage, status: Status) -> int | None:

@@ -55,33 +55,31 @@ def secret_literals(manifest: dict) -> list[str]:
     return found
 
 
-def open_to_outside(policies: list[dict]) -> set:
-    """Ports that some rule opens to peers outside this service's Ray pods (None: every port)."""
+def opened_ports(policies: list[dict], reaches) -> set:
+    """Ports of the rules whose peers `reaches` (None: every port of a rule without ports)."""
     ports: set = set()
     for policy in policies:
         for rule in policy["spec"].get("ingress", []):
-            peers = rule.get("from")
-            internal = peers and all(
-                set(p) == {"podSelector"} and kuberay.POD_LABEL.items() <= p["podSelector"].get("matchLabels", {}).items()
-                for p in peers)
-            if internal:
-                continue
-            if "ports" not in rule:
-                ports.add(None)
-            ports |= {p["port"] for p in rule.get("ports", [])}
+            if reaches(rule.get("from")):
+                ports |= {p["port"] for p in rule.get("ports", [])} if "ports" in rule else {None}
     return ports
+
+
+def open_to_outside(policies: list[dict]) -> set:
+    """Ports that some rule opens to peers outside this service's Ray pods (None: every port)."""
+    def outside(peers) -> bool:
+        return not (peers and all(
+            set(p) == {"podSelector"} and kuberay.POD_LABEL.items() <= p["podSelector"].get("matchLabels", {}).items()
+            for p in peers))
+    return opened_ports(policies, outside)
 
 
 def open_to_anywhere(policies: list[dict]) -> set:
     """Ports that some rule opens to any source (None: every port)."""
-    ports: set = set()
-    for policy in policies:
-        for rule in policy["spec"].get("ingress", []):
-            peers = rule.get("from")
-            if not peers or any(not any(peer.values()) or peer.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0")
-                                for peer in peers):
-                ports |= {p["port"] for p in rule.get("ports", [])} if "ports" in rule else {None}
-    return ports
+    def anywhere(peers) -> bool:
+        return not peers or any(not any(peer.values()) or peer.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0")
+                                for peer in peers)
+    return opened_ports(policies, anywhere)
 
 
 # -- the RayService ---------------------------------------------------------------------------------------------------
