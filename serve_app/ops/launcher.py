@@ -329,8 +329,11 @@ def shutdown(redis_proc: subprocess.Popen | None) -> None:
         drain.start()
         drain.join(SERVE_DRAIN_S)
         if drain.is_alive():
+            # Not ray.shutdown(): the drain thread still inside Ray would then make Ray's core worker end this
+            # process on the spot, before the rest of the cleanup. Ray's processes are stopped by id below.
             say(f"Serve did not stop within {SERVE_DRAIN_S}s; stopping its processes")
-        _quietly(ray.shutdown)
+        else:
+            _quietly(ray.shutdown)
     if redis_proc is not None and redis_proc.poll() is None:
         redis_proc.terminate()
         try:
