@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from deployments.wire import GenerationRequest, StreamItem
+from deployments.wire import GenerationRequest, outgoing
 from serve_app.telemetry.logs import configure_logging
 from serve_app.telemetry.tracing import context_from, tracer
 
@@ -41,14 +41,15 @@ class ModelServer:
             self.engine = Engine(weights_path, model_id, engine_kwargs, stat_loggers=[stats.factory()])
         await self.engine.start()
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
-        """Cancelling this generator (client gone) cancels the engine request, which frees its KV cache."""
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[tuple]:
+        """Items as `wire.outgoing` makes them. Cancelling this generator (client gone) cancels the engine request,
+        which frees its KV cache."""
         span = self._span(req)
-        produced, ended = 0, False
+        produced, ended, render = 0, False, req.render
         try:
             async for item in self.engine.stream(req):
                 produced = item.usage.completion_tokens
-                yield item
+                yield outgoing(item, render)
             ended = True
         finally:
             if not ended:  # work nobody will receive: what refusals and cut-offs cost the engine

@@ -5,8 +5,11 @@ Kept free of vLLM imports so that the ingress, which holds no engine, can build 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 @dataclass(slots=True)
@@ -23,6 +26,7 @@ class GenerationRequest:
     echo: bool = False
     max_tokens: int = field(kw_only=True)  # no default here: the ingress's is CompletionRequest.max_tokens_or_default
     trace_context: dict[str, str] = field(default_factory=dict)
+    render: bool = False  # stream items carry their choices as JSON, ready to send (no output gate reads them)
 
     @property
     def prompt_tokens(self) -> int:
@@ -52,6 +56,22 @@ class StreamItem:
 
     choices: list[dict[str, Any]]
     usage: Usage
+    rendered: bytes | None = None  # the choices as JSON, when the request asked for `render` (choices then empty)
+
+
+def outgoing(item: StreamItem, render: bool) -> tuple[list | bytes, int]:
+    """A stream item as it crosses the handle, once per engine step per stream: a plain tuple (pickled in about a
+    microsecond, where the dataclass takes ten), with the choices already JSON when nothing on the ingress reads
+    them, so the ingress only frames bytes. The prompt's tokens are not sent: the ingress counted them."""
+    return (_dumps(item.choices).encode() if render else item.choices), item.usage.completion_tokens
+
+
+def incoming(raw: tuple[list | bytes, int], prompt_tokens: int) -> StreamItem:
+    payload, completion_tokens = raw
+    usage = Usage(prompt_tokens, completion_tokens)
+    if isinstance(payload, bytes):
+        return StreamItem([], usage, payload)
+    return StreamItem(payload, usage)
 
 
 class EngineFailure(Exception):

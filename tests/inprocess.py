@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from deployments.sim_engine import SimEngine
-from deployments.wire import Usage
+from deployments.wire import Usage, outgoing
 from serve_app.api.errors import ApiError, Code
 from serve_app.config.service import ServiceConfig
 from serve_app.money.admission import Admission
@@ -50,8 +50,9 @@ class _Method:
     stream: bool
 
     def remote(self, *args):
-        call = getattr(self.engine, self.name)(*(_wire(a) for a in args))
-        return StreamResponse(call) if self.stream else UnaryResponse(call)
+        args = tuple(_wire(a) for a in args)
+        call = getattr(self.engine, self.name)(*args)
+        return StreamResponse(call, args[0].render) if self.stream else UnaryResponse(call)
 
 
 class UnaryResponse:
@@ -73,8 +74,11 @@ async def _wire_result(task):
 
 
 class StreamResponse:
-    def __init__(self, agen):
+    """Items as the model server sends them (`wire.outgoing`)."""
+
+    def __init__(self, agen, render: bool):
         self.agen = agen
+        self.render = render
         self.cancelled = False
 
     async def _fetch_future_result_async(self):
@@ -84,7 +88,7 @@ class StreamResponse:
         return self
 
     async def __anext__(self):
-        return _wire(await self.agen.__anext__())
+        return _wire(outgoing(await self.agen.__anext__(), self.render))
 
     def cancel(self):
         self.cancelled = True

@@ -16,6 +16,10 @@ class CompletionFrame:
         self.created = created
         self.model = model
         self.include_usage = include_usage
+        # Every chunk is this head, its choices and this tail: built once per response, not per chunk.
+        head = _dumps({"id": completion_id, "object": "text_completion", "created": created, "model": model})
+        self._head = b"data: " + head[:-1].encode() + b',"choices":'
+        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
 
     def obj(self, choices: list[dict], usage: dict | None) -> dict:
         out = {"id": self.completion_id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -25,7 +29,11 @@ class CompletionFrame:
         return out
 
     def chunk(self, choices: list[dict]) -> bytes:
-        return event(self.obj(choices, None))
+        return self._head + _dumps(choices).encode() + self._tail
+
+    def rendered_chunk(self, choices_json: bytes) -> bytes:
+        """A chunk from choices the model replica already rendered (`wire.outgoing`)."""
+        return self._head + choices_json + self._tail
 
     def usage_chunk(self, usage: dict) -> bytes:
         return event(self.obj([], usage))

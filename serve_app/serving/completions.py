@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from deployments.wire import GenerationRequest, InvalidSampling, StreamItem, Usage
+from deployments.wire import GenerationRequest, InvalidSampling, StreamItem, Usage, incoming
 from serve_app.api.encoding import DONE, CompletionFrame, dumps, event
 from serve_app.api.errors import ApiError, invalid, upstream
 from serve_app.api.http import JSON, error_response, read_json
@@ -143,7 +143,9 @@ class CompletionPath:
         record.account, record.key_id = admission.account, admission.key_id
         policy = self.safety.policy(admission.guard, moderated=route.spec.category is not Category.SAFETY)
         texts = prompt_texts(prompts, route.tokenizer) if policy.mode is not GuardMode.OFF else []
-        call = Call(route, generation_request(completion_id, req, prompts),
+        gen = generation_request(completion_id, req, prompts)
+        gen.render = not policy.mode.checks_output  # no output gate reads the choices: the replica renders them
+        call = Call(route, gen,
                     CompletionFrame(completion_id, int(self.clock()), route.spec.id, req.include_usage), admission,
                     self.safety.screen(policy, texts, req.choices_per_prompt, root, completion_id),
                     admission.limits.headers(), record, root, bound)
@@ -228,8 +230,9 @@ class CompletionPath:
         if check is not None and check.done() and await call.screening.input_verdict() is not None:
             return None
         if check is None or check.done():  # nothing to race: no task of its own
-            return await asyncio.wait_for(anext(stream), self.first_item_timeout_s)
-        first = asyncio.ensure_future(asyncio.wait_for(anext(stream), self.first_item_timeout_s))
+            return await asyncio.wait_for(_item(stream, call.gen.prompt_tokens), self.first_item_timeout_s)
+        first = asyncio.ensure_future(asyncio.wait_for(_item(stream, call.gen.prompt_tokens),
+                                                       self.first_item_timeout_s))
         try:
             await asyncio.wait((first, check), return_when=asyncio.FIRST_COMPLETED)
             if not first.done() and await call.screening.input_verdict() is not None:
@@ -246,14 +249,15 @@ class CompletionPath:
         frame = call.frame
         outcome = Outcome(first.usage)
         received = call.admission  # `.delivered`: what the client has received (the lease checkpoints it)
-        received.delivered = Usage(prompt_tokens=first.usage.prompt_tokens)
+        prompt_tokens = first.usage.prompt_tokens
+        received.delivered = Usage(prompt_tokens=prompt_tokens)
         error = None
         try:
             item = first
             while item is not None:
                 outcome.usage = item.usage
                 if gate is None:
-                    yield frame.chunk(item.choices)
+                    yield frame.rendered_chunk(item.rendered) if item.rendered is not None else frame.chunk(item.choices)
                     received.delivered = item.usage
                 else:
                     if released := await gate.feed(item.choices, item.usage.completion_tokens):
@@ -261,7 +265,7 @@ class CompletionPath:
                         received.delivered = item.usage
                     if gate.blocked:
                         break
-                item = await anext(stream, None)
+                item = await _item(stream, prompt_tokens, None)
             if gate is not None and (released := await gate.finish(outcome.usage.completion_tokens)):
                 yield frame.chunk(released)
             outcome.status = Status.OUTPUT_FILTERED if gate is not None and gate.blocked else Status.OK
@@ -338,6 +342,15 @@ class EventStream(StreamingResponse):
     def __init__(self, events, call: Call, stream, first: StreamItem, headers: dict[str, str]):
         super().__init__(events, headers=headers, media_type="text/event-stream")
         self.call, self.stream, self.first = call, stream, first
+
+
+_END = object()
+
+
+async def _item(stream, prompt_tokens: int, default=_END) -> StreamItem | None:
+    """The next item from the model's stream (`wire.incoming`); `default` at its end, if given."""
+    raw = await anext(stream) if default is _END else await anext(stream, _END)
+    return default if raw is _END else incoming(raw, prompt_tokens)
 
 
 def generation_request(completion_id: str, req: CompletionRequest, prompts: Prompts) -> GenerationRequest:

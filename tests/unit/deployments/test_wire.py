@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
-from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
+from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage, incoming, outgoing
 from serve_app.serving.routing import WIRE
 
 
@@ -18,3 +19,13 @@ def test_wire_types_round_trip_through_plain_pickle():
     for exc in (EngineFailure("engine died"), InvalidSampling("bad logit_bias")):
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is type(exc) and str(back) == str(exc)
+
+
+def test_stream_items_cross_as_plain_tuples_rendered_or_not():
+    choices = [{"text": " é", "index": 0, "logprobs": None, "finish_reason": "length"}]
+    item = StreamItem(choices, Usage(3, 5))
+    raw = pickle.loads(pickle.dumps(outgoing(item, render=False)))
+    assert type(raw) is tuple and incoming(raw, 3) == item
+    back = incoming(pickle.loads(pickle.dumps(outgoing(item, render=True))), 3)
+    assert back.choices == [] and back.usage == Usage(3, 5)
+    assert json.loads(back.rendered) == choices and " é".encode() in back.rendered  # UTF-8, as the ingress sends
