@@ -1,10 +1,14 @@
-"""Side-by-side benchmark: qubittron-serve, vLLM's own OpenAI server and Ray Serve LLM on the same dev model and
-engine settings, interleaved (A B C A B C ...) in one sitting, medians of the rounds, ratios against bare vLLM.
+"""Side by side on the real dev engine: qubittron-serve (as `qbt serve` runs it, guard off and with the guard's
+default policy `both`), vLLM's own OpenAI server and Ray Serve LLM with the same Serve settings as this service,
+interleaved in one sitting, reported as paired per-round ratios with their spread.
 
-    .venv/bin/python -m benchmarks.compare [--rounds 3] [--quick]
+    .venv/bin/python -m benchmarks.compare [--rounds 5] [--duration 60] [--max-requests 1000]
 
-Writes benchmarks/results/{results.json,results.md,throughput.png}. Also measures the guard stage's share of
-latency: the same qubittron server with a key whose policy is `input` ("qbt+guard").
+The method (benchmarks/README.md): every system is warmed up before each of its runs; while one system runs, every
+other system's processes are stopped (SIGSTOP, by process id) so that only the system under test uses the CPUs;
+each point runs `--duration` seconds or `--max-requests` requests, whichever comes first; in-band error events,
+missing usage and short usage are failures; each round ends with the head-of-line probe (a 2-token request sent
+while a 480-token stream runs). Writes benchmarks/results/compare.{json,md}; the JSON keeps every request's sample.
 """
 
 from __future__ import annotations
@@ -15,211 +19,237 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from importlib.metadata import version
-from pathlib import Path
 
-import httpx
-
-from benchmarks.load import run
+from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls
+from benchmarks.sse_client import Connection, closed_loop
 from serve_app.config.paths import model_path
-from serve_app.money import accounts, keyspace
 from serve_app.ops.dev_models import ensure_built
 from serve_app.ops.launcher import become_subreaper, stop_descendants
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "results"
-LOGS = OUT / "raw"  # servers' logs and raw profiles, not kept in git
+RUN_DIR = ROOT / ".run" / "bench-compare"
 PY = sys.executable
 REDIS_URL = "redis://127.0.0.1:6398/0"
 PORTS = {"qbt": 8101, "vllm": 8102, "rayllm": 8103}
 MODEL = "qbt-dev-llm"
-CONFIGS = [(True, 1, 24), (True, 16, 128), (True, 64, 256), (False, 16, 128), (False, 1, 24)]
-QUICK = [(True, 1, 8), (True, 16, 32)]
+CONFIGS = [(True, 1), (True, 16)]  # (stream, concurrency); 32 tokens each
+PROBE_TRIALS = 5
 
 
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", flush=True)
-
-
-@contextmanager
-def session():
-    """Builds the dev models and yields the list of servers to start; on the way out they, and everything they
-    started, are stopped by process id (this process is their subreaper)."""
-    become_subreaper()
-    ensure_built(log=say)
-    procs: list[subprocess.Popen] = []
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.terminate()
-        stop_descendants(grace_s=30)
-
-
-def start(name: str, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    say(f"starting {name}: {' '.join(cmd)}")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, **(env or {})})
-
-
-def wait_ready(name: str, url: str, headers: dict, proc: subprocess.Popen, timeout: float = 600) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with {proc.returncode}; see its log in {LOGS}")
-        try:
-            if httpx.get(url, headers=headers, timeout=5).status_code == 200:
-                say(f"{name} ready after {time.monotonic() - started:.0f}s")
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(3)
-    raise SystemExit(f"{name} not ready after {timeout}s")
-
-
-def start_qbt(env: dict[str, str] | None = None) -> subprocess.Popen:
-    OUT.mkdir(parents=True, exist_ok=True)
-    return start("qbt", [PY, "-m", "serve_app.ops.cli", "serve", "--port", str(PORTS["qbt"]), "--run-dir",
-                         str(ROOT / ".run" / "bench")], LOGS / "qbt.log",
-                 {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181", **(env or {})})
-
-
-def start_vllm() -> subprocess.Popen:
-    """vLLM's own OpenAI server on the same model and engine settings as the catalog's local profile."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    return start("vllm", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path(MODEL)),
-                          "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "512",
-                          "--enforce-eager", "--port", str(PORTS["vllm"])], LOGS / "vllm.log",
-                 {"VLLM_CPU_KVCACHE_SPACE": "1"})
-
-
-def bench_key(guard: str = "off") -> str:
-    """A key without limits on the benchmark's own Redis, whose account never runs dry."""
-    r = keyspace.sync_client(REDIS_URL)
-    accounts.ensure_account(r, "bench", "1000000")
-    return accounts.create_key(r, "bench", rpm=0, tpm=0, guard=guard)[0]
-
-
-def systems(qbt_env: dict[str, str], procs: list[subprocess.Popen]) -> dict[str, tuple[str, dict]]:
-    procs += [start_qbt(qbt_env), start_vllm(),
-              start("rayllm", [PY, "-m", "benchmarks.rayllm_server", str(model_path(MODEL)), str(PORTS["rayllm"])],
-                    LOGS / "rayllm.log")]
-    wait_ready("vllm", f"http://127.0.0.1:{PORTS['vllm']}/v1/models", {}, procs[1])
-    wait_ready("rayllm", f"http://127.0.0.1:{PORTS['rayllm']}/v1/models", {}, procs[2])
-    wait_ready("qbt", f"http://127.0.0.1:{PORTS['qbt']}/health", {}, procs[0])
-    plain, guarded = bench_key("off"), bench_key("input")
-    qbt = f"http://127.0.0.1:{PORTS['qbt']}"
-    return {"vllm": (f"http://127.0.0.1:{PORTS['vllm']}", {}),
-            "qbt": (qbt, {"Authorization": f"Bearer {plain}"}),
-            "rayllm": (f"http://127.0.0.1:{PORTS['rayllm']}", {}),
-            "qbt+guard": (qbt, {"Authorization": f"Bearer {guarded}"})}
-
-
-def median_rows(rows: list[dict]) -> list[dict]:
-    keys = sorted({(r["system"], r["stream"], r["concurrency"]) for r in rows})
-    out = []
-    for system, stream, c in keys:
-        same = [r for r in rows if (r["system"], r["stream"], r["concurrency"]) == (system, stream, c)]
-        med = {"system": system, "stream": stream, "concurrency": c, "rounds": len(same)}
-        for k in ("output_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "e2e_p50_ms", "e2e_p99_ms"):
-            vals = [r[k] for r in same if r[k] is not None]
-            med[k] = statistics.median(vals) if vals else None
-        med["failed"] = sum(r["failed"] for r in same)
-        out.append(med)
+def start_systems(names: list[str]) -> dict[str, System]:
+    """Each starts on a quiet machine, then waits paused."""
+    engine_env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    out: dict[str, System] = {}
+    for name in names:
+        if name == "vllm":
+            out[name] = System(name, PORTS[name], "/v1/models", [
+                PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path(MODEL)),
+                "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                "--port", str(PORTS[name]), "--disable-uvicorn-access-log"], RUN_DIR, engine_env)
+        elif name == "rayllm":  # the same Serve settings as `qbt serve`: throughput-optimized, direct ingress
+            out[name] = System(name, PORTS[name], "/v1/models", [
+                PY, "-m", "benchmarks.rayllm_server", str(model_path(MODEL)), str(PORTS[name])], RUN_DIR,
+                {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+        elif name == "qbt":
+            out[name] = System(name, PORTS[name], "/health", [
+                PY, "-m", "serve_app.ops.cli", "serve", "--port", str(PORTS[name]), "--run-dir",
+                str(RUN_DIR / "qbt")], RUN_DIR,
+                {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181", "QBT_RAY_TEMP_DIR": str(RUN_DIR / "ray")})
+        else:
+            continue
+        out[name].wait_ready()
+        say(f"{name} ready")
+        if name == "qbt":
+            keys.update(bench_keys(REDIS_URL))
+        out[name].pause()
     return out
 
 
-def report(rows: list[dict], meta: dict) -> str:
-    med = median_rows(rows)
-    by = {(m["system"], m["stream"], m["concurrency"]): m for m in med}
-    lines = ["# Side-by-side benchmark", "", f"Command: `{meta['command']}`", "",
-             f"Machine: {meta['machine']}; {meta['versions']}", f"Run at {meta['when']}, {meta['rounds']} "
-             "interleaved rounds; medians of the rounds. Ratios compare medians measured in the same sitting.", "",
-             "| mode | c | system | out tok/s | x vLLM | x Ray Serve LLM | req/s | TTFT p50 ms | TTFT p99 ms | "
-             "ITL p50 ms | E2E p50 ms | E2E p50 - vLLM ms | failed |", "|" + "---|" * 13]
-    for m in med:
-        base = by.get(("vllm", m["stream"], m["concurrency"]))
-        ray_ = by.get(("rayllm", m["stream"], m["concurrency"]))
-
-        def ratio(other):
-            return f"{m['output_tok_s'] / other['output_tok_s']:.2f}" if other and other["output_tok_s"] else "-"
-
-        def fmt(v):
-            return f"{v:.1f}" if v is not None else "-"
-
-        delta = (m["e2e_p50_ms"] - base["e2e_p50_ms"]) if base and m["e2e_p50_ms"] is not None else None
-        lines.append(f"| {'stream' if m['stream'] else 'whole'} | {m['concurrency']} | {m['system']} | "
-                     f"{m['output_tok_s']:.0f} | {ratio(base)} | {ratio(ray_)} | {m['req_s']:.1f} | "
-                     f"{fmt(m['ttft_p50_ms'])} | {fmt(m['ttft_p99_ms'])} | {fmt(m['itl_p50_ms'])} | "
-                     f"{fmt(m['e2e_p50_ms'])} | {fmt(delta)} | {m['failed']} |")
-    return "\n".join(lines) + "\n"
+keys: dict[str, str] = {}
 
 
-def plot(rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    med = median_rows(rows)
-    configs = sorted({(m["stream"], m["concurrency"]) for m in med}, key=lambda x: (not x[0], x[1]))
-    names = ["vllm", "qbt", "qbt+guard", "rayllm"]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.2
-    for i, name in enumerate(names):
-        vals = [next((m["output_tok_s"] for m in med if (m["system"], m["stream"], m["concurrency"]) ==
-                      (name, s, c)), 0) for s, c in configs]
-        ax.bar([x + i * width for x in range(len(configs))], vals, width, label=name)
-    ax.set_xticks([x + 1.5 * width for x in range(len(configs))])
-    ax.set_xticklabels([f"{'stream' if s else 'whole'} c={c}" for s, c in configs])
-    ax.set_ylabel("output tokens/s (median of rounds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(OUT / "throughput.png", dpi=100)
+def pct(xs: list[float], p: float) -> float | None:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else None
 
 
-async def measure(targets: dict, rounds: int, configs: list) -> list[dict]:
+async def point(target: str, system: System, headers: dict, stream: bool, c: int, args) -> dict:
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 32, "ignore_eos": True,
+            "temperature": 1.0}
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    port, meter = system.port, CpuMeter([system])
+    await closed_loop("127.0.0.1", port, body, headers, max(c, 4), 60, max_requests=4 * max(c, 4))  # warm-up
+    calls = script_calls(REDIS_URL) if target.startswith("qbt") else None
+    before = meter.snapshot()
+    samples, wall = await closed_loop("127.0.0.1", port, body, headers, c, args.duration, args.max_requests)
+    cpu = {k: v for k, v in CpuMeter.delta(before, meter.snapshot()).items() if v > 0}
+    ok = [s for s in samples if s.ok]
+    tpot = [(s.e2e - s.ttft) / (s.tokens - 1) for s in ok if s.tokens > 1 and s.ttft]
+    row = {"system": target, "stream": stream, "concurrency": c, "wall_s": wall, "requests": len(samples),
+           "failed": len(samples) - len(ok), "errors": sorted({s.error for s in samples if s.error})[:5],
+           "output_tok_s": sum(s.tokens for s in ok) / wall, "req_s": len(ok) / wall,
+           "ttft_p50_ms": pct([s.ttft for s in ok], 0.5), "ttft_p99_ms": pct([s.ttft for s in ok], 0.99),
+           "tpot_p50_ms": pct(tpot, 0.5), "e2e_p50_ms": pct([s.e2e for s in ok], 0.5),
+           "e2e_p99_ms": pct([s.e2e for s in ok], 0.99), "loadavg": os.getloadavg(),
+           "cpu_s": cpu, "redis_scripts_per_request": (script_calls(REDIS_URL) - calls) / len(samples) if calls is not None and samples
+           else None, "samples": [s.row() for s in samples]}
+    say(f"{target:10s} {'stream' if stream else 'whole'} c={c:<3d} {row['output_tok_s']:6.0f} tok/s, "
+        f"e2e p50 {row['e2e_p50_ms'] or 0:6.1f} ms, ttft p50 {row['ttft_p50_ms'] or 0:6.1f} ms, "
+        f"{len(ok)} ok, {row['failed']} failed")
+    return row
+
+
+async def probe(target: str, port: int, headers: dict) -> dict:
+    """Head-of-line: a 2-token whole request sent 0.4 s into a 480-token stream; its latency, per trial."""
+    long_body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True}}).encode()
+    short_body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2, "ignore_eos": True}).encode()
+    trials = []
+    for _ in range(PROBE_TRIALS):
+        a, b = Connection("127.0.0.1", port), Connection("127.0.0.1", port)
+        try:
+            t0 = time.perf_counter()
+            long = asyncio.ensure_future(a.post("/v1/completions", long_body, headers, 480, True, t0))
+            await asyncio.sleep(0.4)
+            short = await b.post("/v1/completions", short_body, headers, 2, False, t0)
+            long = await long
+            trials.append({"short_ms": short.e2e * 1000, "short_ok": short.ok, "long_s": long.e2e,
+                           "long_ok": long.ok, "error": short.error or long.error})
+        finally:
+            a.close()
+            b.close()
+    ok = [t["short_ms"] for t in trials if t["short_ok"] and t["long_ok"]]
+    say(f"{target:10s} head-of-line probe: short request {statistics.median(ok) if ok else 0:.0f} ms median "
+        f"({', '.join(f'{x:.0f}' for x in ok)})")
+    return {"system": target, "probe": True, "trials": trials, "short_p50_ms": statistics.median(ok) if ok else None,
+            "failed": len(trials) - len(ok)}
+
+
+async def measure(systems: dict[str, System], args) -> list[dict]:
+    targets = []  # (name, system, headers)
+    for name in args.systems:
+        if name == "qbt+guard":
+            targets.append((name, systems["qbt"], {"Authorization": f"Bearer {keys['both']}"}))
+        elif name == "qbt":
+            targets.append((name, systems["qbt"], {"Authorization": f"Bearer {keys['off']}"}))
+        else:
+            targets.append((name, systems[name], {}))
     rows = []
-    for name, (url, headers) in targets.items():
-        await run(name, url, headers, MODEL, True, 4, 8, 16)  # warm-up
-    for rnd in range(rounds):
-        order = list(targets)[rnd % len(targets):] + list(targets)[:rnd % len(targets)]
-        for stream, c, n in configs:
-            for name in order:
-                url, headers = targets[name]
-                res = await run(name, url, headers, MODEL, stream, c, n, 32)
-                s = res.summary()
-                rows.append(s)
-                say(f"round {rnd + 1} {name:9s} {'stream' if stream else 'whole'} c={c:<3d} "
-                    f"{s['output_tok_s']:7.0f} tok/s ttft p50 {s['ttft_p50_ms'] or 0:6.1f} ms "
-                    f"e2e p50 {s['e2e_p50_ms'] or 0:7.1f} ms failed {s['failed']}")
+    for rnd in range(1, args.rounds + 1):
+        order = targets[(rnd - 1) % len(targets):] + targets[:(rnd - 1) % len(targets)]
+        for name, system, headers in order:
+            system.resume()
+            try:
+                for stream, c in CONFIGS:
+                    rows.append({**await point(name, system, headers, stream, c, args), "round": rnd})
+                rows.append({**await probe(name, system.port, headers), "round": rnd})
+            finally:
+                system.pause()
     return rows
 
 
+def paired(rows: list[dict], name: str, base: str, key: str, diff: bool = False) -> list[float]:
+    out = []
+    for r in rows:
+        if r["system"] != name:
+            continue
+        b = next((x for x in rows if x["system"] == base and x["round"] == r["round"] and
+                  x.get("probe") == r.get("probe") and x.get("stream") == r.get("stream") and
+                  x.get("concurrency") == r.get("concurrency")), None)
+        if b is not None and r.get(key) is not None and b.get(key):
+            out.append(r[key] - b[key] if diff else r[key] / b[key])
+    return out
+
+
+def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))} to {fmt.format(max(xs))})"
+
+
+def report(rows: list[dict], meta: dict) -> str:
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    lines = ["# Side by side on the dev engine", "", f"Command: `{meta['command']}`", "",
+             f"Machine: {meta['machine']}; {meta['versions']}. Run at {meta['when']}; {meta['rounds']} interleaved "
+             f"rounds; each point {meta['duration_s']:g} s or {meta['max_requests']} requests, whichever came first, "
+             "after its own warm-up, with every other system paused. Figures: median over rounds (min to max); "
+             "ratios and differences are paired within a round.", "",
+             "| mode | c | system | out tok/s | x vLLM (paired) | x Ray Serve LLM (paired) | TTFT p50 ms | TPOT p50 ms "
+             "| E2E p50 ms | E2E p50 - vLLM, ms (paired) | failed |", "|" + "---|" * 11]
+    for stream, c in CONFIGS:
+        for name in systems:
+            rs = [r for r in rows if r["system"] == name and not r.get("probe") and r["stream"] == stream and
+                  r["concurrency"] == c]
+            if not rs:
+                continue
+            sub = [r for r in rows if not r.get("probe") and r.get("stream") == stream and r.get("concurrency") == c]
+            lines.append(
+                f"| {'stream' if stream else 'whole'} | {c} | {name} | {spread([r['output_tok_s'] for r in rs], '{:.0f}')}"
+                f" | {spread(paired(sub, name, 'vllm', 'output_tok_s'))} | "
+                f"{spread(paired(sub, name, 'rayllm', 'output_tok_s'))} | "
+                f"{spread([r['ttft_p50_ms'] for r in rs], '{:.1f}')} | {spread([r['tpot_p50_ms'] for r in rs], '{:.1f}')}"
+                f" | {spread([r['e2e_p50_ms'] for r in rs], '{:.1f}')} | "
+                f"{spread(paired(sub, name, 'vllm', 'e2e_p50_ms', diff=True), '{:+.1f}')} | "
+                f"{sum(r['failed'] for r in rs)} |")
+    lines += ["", f"Head-of-line probe: a 2-token request sent 0.4 s into a 480-token stream ({PROBE_TRIALS} trials "
+              "per round; the round's median).", "", "| system | short request p50 ms | x vLLM (paired) | failed |",
+              "|---|---|---|---|"]
+    probes = [r for r in rows if r.get("probe")]
+    for name in systems:
+        rs = [r for r in probes if r["system"] == name]
+        lines.append(f"| {name} | {spread([r['short_p50_ms'] for r in rs], '{:.0f}')} | "
+                     f"{spread(paired(probes, name, 'vllm', 'short_p50_ms'))} | {sum(r['failed'] for r in rs)} |")
+    lines += ["", "CPU per output token by process role, streaming c=16 (microseconds; median over rounds). The "
+              "engine's own processes are the same code in every system.", "", "| system | role | us/token |",
+              "|---|---|---|"]
+    for name in systems:
+        rs = [r for r in rows if r["system"] == name and not r.get("probe") and r["stream"] and r["concurrency"] == 16]
+        for role in sorted({k for r in rs for k in r["cpu_s"]}):
+            per = [r["cpu_s"].get(role, 0) / (r["output_tok_s"] * r["wall_s"]) * 1e6 for r in rs if r["output_tok_s"]]
+            if per and statistics.median(per) >= 1:
+                lines.append(f"| {name} | {role} | {spread(per, '{:.0f}')} |")
+    scripts = [r["redis_scripts_per_request"] for r in rows if r.get("redis_scripts_per_request") is not None]
+    if scripts:
+        lines += ["", f"Redis script calls per request (from Redis's command statistics): {spread(scripts)}."]
+    errors = sorted({e for r in rows for e in r.get("errors", [])})
+    if errors:
+        lines += ["", "Failures seen: " + "; ".join(errors)]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="two small configs, for a smoke run")
-    parser.add_argument("--qbt-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment for the qubittron server only (for example Ray Serve flags)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=60, help="seconds per point (at most)")
+    parser.add_argument("--max-requests", type=int, default=1000, help="requests per point (at most)")
+    parser.add_argument("--systems", nargs="+", default=["vllm", "qbt", "qbt+guard", "rayllm"])
+    parser.add_argument("--out", default="compare", help="results file stem in benchmarks/results")
     args = parser.parse_args()
-    with session() as procs:
-        targets = systems(dict(kv.split("=", 1) for kv in args.qbt_env), procs)
-        rows = asyncio.run(measure(targets, args.rounds, QUICK if args.quick else CONFIGS))
+    become_subreaper()
+    ensure_built(log=say)
+    systems: dict[str, System] = {}
+    try:
+        systems = start_systems(list(dict.fromkeys(n.split("+")[0] for n in args.systems)))
+        rows = asyncio.run(measure(systems, args))
         meta = {"command": " ".join([".venv/bin/python -m benchmarks.compare", *sys.argv[1:]]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
                 "versions": ", ".join(f"{p} {version(p)}" for p in ("vllm-cpu", "ray", "torch")),
-                "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": args.rounds}
-        (OUT / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
-        (OUT / "results.md").write_text(report(rows, meta))
-        plot(rows)
-        print(report(rows, meta))
+                "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": args.rounds,
+                "duration_s": args.duration, "max_requests": args.max_requests}
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"{args.out}.json").write_text(json.dumps({"meta": meta, "runs": rows}))
+        text = report(rows, meta)
+        (OUT / f"{args.out}.md").write_text(text)
+        print(text)
         return 0
+    finally:
+        for system in systems.values():
+            system.stop()
+        stop_descendants(grace_s=10)
 
 
 if __name__ == "__main__":

@@ -17,125 +17,25 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-import httpx
-import psutil
-
+from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls
 from benchmarks.sse_client import closed_loop
-from serve_app.money import accounts, keyspace
 from serve_app.ops.launcher import become_subreaper, stop_descendants
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "results"
 RUN_DIR = ROOT / ".run" / "bench-gateway"
 PY = sys.executable
 REDIS_URL = "redis://127.0.0.1:6397/0"
 FLOOR_PORT, QBT_PORT, METRICS_PORT = 8121, 8122, 8123
 MODEL = "qbt-sim-llm"
-ROLES = ("ingress", "model replica", "guard replica", "proxy", "redis", "ray", "other", "floor")
-
-
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", flush=True)
-
-
-def role(p: psutil.Process) -> str:
-    try:
-        cmd = " ".join(p.cmdline())
-    except psutil.Error:
-        return "other"
-    if "floor_server" in cmd:
-        return "floor"
-    if "Ingress" in cmd:
-        return "ingress"
-    if "model-qbt-sim-guard" in cmd:
-        return "guard replica"
-    if "model-qbt-sim-llm" in cmd:
-        return "model replica"
-    if "ProxyActor" in cmd or "haproxy" in cmd.lower():
-        return "proxy"
-    if "redis-server" in cmd:
-        return "redis"
-    if any(x in cmd for x in ("raylet", "gcs_server", "ServeController", "dashboard", "ray::", "ray/_private")):
-        return "ray"
-    return "other"
-
-
-class CpuMeter:
-    """CPU seconds per role over a window, from every process under the given roots (their ids, not names)."""
-
-    def __init__(self, roots: list[subprocess.Popen]):
-        self.roots = roots
-
-    def snapshot(self) -> dict[int, tuple[str, float]]:
-        out = {}
-        for root in self.roots:
-            try:
-                procs = [psutil.Process(root.pid), *psutil.Process(root.pid).children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
-            for p in procs:
-                try:
-                    t = p.cpu_times()
-                    out[p.pid] = (role(p), t.user + t.system)
-                except psutil.Error:
-                    pass
-        return out
-
-    @staticmethod
-    def delta(before: dict, after: dict) -> dict[str, float]:
-        per = {r: 0.0 for r in ROLES}
-        for pid, (r, t) in after.items():
-            per[r] += t - (before[pid][1] if pid in before else 0.0)
-        return per
-
-
-def start(name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    say(f"starting {name}: {' '.join(cmd)}")
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=(RUN_DIR / f"{name}.log").open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_ready(name: str, url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with {proc.returncode}; its log: {RUN_DIR / (name + '.log')}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                say(f"{name} ready after {time.monotonic() - started:.0f} s")
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise SystemExit(f"{name} not ready after {timeout_s:.0f} s; its log: {RUN_DIR / (name + '.log')}")
-
-
-def keys_for_bench() -> tuple[dict[str, str], object]:
-    r = keyspace.sync_client(REDIS_URL)
-    accounts.ensure_account(r, "bench", "1000000")
-    made = {g: accounts.create_key(r, "bench", rpm=10**7, tpm=10**10, concurrency=10**5, guard=g)[0]
-            for g in ("off", "both")}
-    return made, r
-
-
-def script_calls(r) -> int:
-    stats = r.info("commandstats")
-    return sum(v["calls"] for k, v in stats.items() if k.split("|")[0] in ("cmdstat_evalsha", "cmdstat_eval",
-                                                                            "cmdstat_fcall"))
 
 
 async def run_point(name: str, port: int, key: str | None, body: dict, concurrency: int, duration_s: float,
-                    meter: CpuMeter, redis, label: str = "") -> dict:
+                    meter: CpuMeter, label: str = "") -> dict:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    calls = script_calls(redis) if redis is not None and key else None
+    calls = script_calls(REDIS_URL) if key else None
     before, client_before = meter.snapshot(), time.process_time()
     samples, wall = await closed_loop("127.0.0.1", port, body, headers, concurrency, duration_s)
     cpu = CpuMeter.delta(before, meter.snapshot())
@@ -146,7 +46,7 @@ async def run_point(name: str, port: int, key: str | None, body: dict, concurren
            "max_tokens": body["max_tokens"], "wall_s": wall, "requests": len(samples), "ok": len(ok),
            "failed": len(samples) - len(ok), "errors": sorted({s.error for s in samples if s.error})[:5],
            "events": events, "tokens": sum(s.tokens for s in ok), "cpu_s": cpu,
-           "redis_script_calls_per_request": ((script_calls(redis) - calls) / len(samples))
+           "redis_script_calls_per_request": ((script_calls(REDIS_URL) - calls) / len(samples))
            if calls is not None and samples else None,
            "loadavg": os.getloadavg(), "samples": [s.row() for s in samples]}
     gateway = sum(cpu[r] for r in ("ingress", "model replica", "proxy")) if name != "floor" else cpu["floor"]
@@ -162,7 +62,7 @@ async def run_point(name: str, port: int, key: str | None, body: dict, concurren
     return row
 
 
-async def measure(args, keys: dict[str, str], meter: CpuMeter, redis) -> list[dict]:
+async def measure(args, keys: dict[str, str], meter: CpuMeter) -> list[dict]:
     stream = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": args.tokens, "stream": True,
               "stream_options": {"include_usage": True}}
     whole = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 1}
@@ -171,12 +71,12 @@ async def measure(args, keys: dict[str, str], meter: CpuMeter, redis) -> list[di
     admissions = ("qbt requests", QBT_PORT, keys["off"], whole, args.request_concurrency)
     say("warm-up: every configuration once, 5 s")
     for name, port, key, body, c in [*points, admissions]:
-        await run_point(name, port, key, body, c, 5, meter, redis, " (warm-up)")
+        await run_point(name, port, key, body, c, 5, meter, " (warm-up)")
     rows = []
     for rnd in range(args.rounds):
         order = points[rnd % len(points):] + points[:rnd % len(points)]
         for name, port, key, body, c in [*order, admissions]:
-            row = await run_point(name, port, key, body, c, args.duration, meter, redis)
+            row = await run_point(name, port, key, body, c, args.duration, meter)
             row["round"] = rnd + 1
             rows.append(row)
     return rows
@@ -235,18 +135,18 @@ def main() -> int:
     parser.add_argument("--out", default="gateway", help="results file stem in benchmarks/results")
     args = parser.parse_args()
     become_subreaper()
-    procs = []
+    systems: list[System] = []
     try:
-        procs.append(start("floor", [PY, "-m", "benchmarks.floor_server", str(FLOOR_PORT)]))
-        procs.append(start("qbt", [PY, "-m", "serve_app.ops.cli", "serve", "--config",
-                                   str(ROOT / "cluster" / "serve-sim.yaml"), "--port", str(QBT_PORT),
-                                   "--run-dir", str(RUN_DIR / "qbt")],
-                           {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": str(METRICS_PORT)}))
-        wait_ready("floor", f"http://127.0.0.1:{FLOOR_PORT}/health", procs[0])
-        wait_ready("qbt", f"http://127.0.0.1:{QBT_PORT}/health", procs[1])
-        keys, redis = keys_for_bench()
-        meter = CpuMeter(procs)
-        rows = asyncio.run(measure(args, keys, meter, redis))
+        systems.append(System("floor", FLOOR_PORT, "/health", [PY, "-m", "benchmarks.floor_server", str(FLOOR_PORT)],
+                              RUN_DIR))
+        systems.append(System("qbt", QBT_PORT, "/health", [
+            PY, "-m", "serve_app.ops.cli", "serve", "--config", str(ROOT / "cluster" / "serve-sim.yaml"), "--port",
+            str(QBT_PORT), "--run-dir", str(RUN_DIR / "qbt")], RUN_DIR,
+            {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": str(METRICS_PORT), "QBT_RAY_TEMP_DIR": str(RUN_DIR / "ray")}))
+        for system in systems:
+            system.wait_ready()
+            say(f"{system.name} ready")
+        rows = asyncio.run(measure(args, bench_keys(REDIS_URL), CpuMeter(systems)))
         meta = {"command": " ".join([".venv/bin/python -m benchmarks.gateway", *sys.argv[1:]]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "duration_s": args.duration,
                 "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args),
@@ -258,14 +158,8 @@ def main() -> int:
         print(text)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        for system in systems:
+            system.stop()
         stop_descendants(grace_s=10)
 
 

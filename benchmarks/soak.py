@@ -19,16 +19,17 @@ import time
 import httpx
 import psutil
 
-from benchmarks.compare import OUT, PORTS, bench_key, say, session, start_qbt, wait_ready
 from benchmarks.load import run
-from benchmarks.profile import role
+from benchmarks.servers import OUT, ROOT, System, bench_keys, role, say
+from serve_app.ops.launcher import become_subreaper, stop_descendants
 
 MODEL = "qbt-dev-llm"
+PORT, REDIS_URL = 8101, "redis://127.0.0.1:6398/0"
 MIB = 1024 * 1024
 
 
 def processes(root: psutil.Process) -> dict[str, psutil.Process]:
-    return {role(p): p for p in root.children(recursive=True) if role(p) in ("ingress replica", "model replica")}
+    return {role(p): p for p in root.children(recursive=True) if role(p) in ("ingress", "model replica")}
 
 
 def rss(p: psutil.Process) -> float:
@@ -113,13 +114,17 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--streams", type=int, default=64)
     args = parser.parse_args()
-    with session() as procs:
-        procs.append(start_qbt())
-        url = f"http://127.0.0.1:{PORTS['qbt']}"
-        wait_ready("qbt", url + "/health", {}, procs[0])
-        key = bench_key()
-        replicas = processes(psutil.Process(procs[0].pid))
-        ingress = replicas["ingress replica"]
+    become_subreaper()
+    system = None
+    try:
+        system = System("qbt", PORT, "/health", [sys.executable, "-m", "serve_app.ops.cli", "serve", "--port", str(PORT),
+                                                 "--run-dir", str(ROOT / ".run" / "bench-soak")],
+                        ROOT / ".run" / "bench-soak", {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181"})
+        system.wait_ready()
+        url = f"http://127.0.0.1:{PORT}"
+        key = bench_keys(REDIS_URL)["off"]
+        replicas = processes(psutil.Process(system.proc.pid))
+        ingress = replicas["ingress"]
         asyncio.run(run("qbt", url, {"Authorization": f"Bearer {key}"}, MODEL, True, 8, 32, 16))
         idle = rss(ingress)
         say(f"ingress idle {idle:.0f} MiB; opening {args.streams} streams")
@@ -130,6 +135,10 @@ def main() -> int:
         (OUT / "soak.md").write_text(text)
         print(text)
         return 0
+    finally:
+        if system is not None:
+            system.stop()
+        stop_descendants(grace_s=10)
 
 
 if __name__ == "__main__":

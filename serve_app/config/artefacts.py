@@ -1,5 +1,6 @@
-"""The artefacts built from the catalog: a Serve config per profile and, for `prod`, the KubeRay RayService and its
-NetworkPolicies. One source of truth; the checked-in artefacts are tested for drift (`qbt config build --check`)."""
+"""The artefacts built from the catalog: a Serve config per profile and, for `prod`, the KubeRay RayService, its
+NetworkPolicies and the gateway Service (the entry point). One source of truth; the checked-in artefacts are tested
+for drift (`qbt config build --check`)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,5 @@ def build(name: str, catalog: Catalog | None = None) -> dict[Path, str]:
     if name == "prod":
         out[kuberay.MANIFEST] = kuberay.render(catalog, catalog.serve_config(name))
         out[kuberay.NETWORK_POLICY] = kuberay.render_network_policies()
+        out[kuberay.GATEWAY_SERVICE] = kuberay.render_gateway_service()
     return out

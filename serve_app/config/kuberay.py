@@ -1,7 +1,26 @@
 """The KubeRay `RayService` for the prod profile, generated from the catalog.
 
-The head pod runs the Serve controller, the HTTP proxy and the ingress replicas but no model replicas (it has no
-GPUs, and every model replica asks for one); the ingress is pinned to it by a node label (the prod profile's
+Production runs what is benchmarked: Ray Serve's throughput-optimized mode with direct ingress, as `qbt serve` does
+(serve_app/ops/launcher.py). Every Ray container's env has SERVE_ENV, which replicas read at import (gRPC handles,
+user code on the replica's loop, direct ingress; a serveConfig runtime_env would not reach the controller). The one
+ingress replica, on the head, serves HTTP itself on SERVE_PORT, no proxy hop: the head's env gives the Serve
+controller the port range [SERVE_PORT, SERVE_PORT + 1) and no port quarantine, so a restarted ingress gets SERVE_PORT
+back at once (it binds with SO_REUSEPORT, serving/ingress.py). Serve's drain keeps its default (30 s): a stopping
+ingress answers /-/healthz with 503 so that traffic leaves it first. Serve forces its proxy onto the head, on the
+profile's http.port (8001: internal, no containerPort, no NetworkPolicy rule). `check_direct_ingress` fails the build
+for a prod profile that would not run this way.
+
+The entry point is the Service GATEWAY_NAME (cluster/kuberay/gateway-service.yaml, for the load balancer or Ingress):
+the head's SERVE_PORT while KubeRay's `ray.io/serve` label says its ingress answers /-/healthz (the operator probes
+the active and a pending cluster's head: during a zero-downtime upgrade the new head joins once its ingress answers).
+KubeRay's `<name>-serve-svc` is NOT the entry point in this mode: it selects the worker pods too, where nothing
+listens on SERVE_PORT; so the GPU workers get an explicit readinessProbe (the raylet's health, as KubeRay checks it),
+since KubeRay's default one would wait for SERVE_PORT as well. Scaling the ingress out means a CPU worker group
+labelled qubittron.io/role=gateway with one ingress replica per pod (not done here); benchmarks/gateway.py measures
+what one ingress replica carries.
+
+The head pod runs the Serve controller, the proxy and the ingress replica but no model replicas (it has no GPUs, and
+every model replica asks for one); the ingress is pinned to it by a node label (the prod profile's
 `ingress.label_selector`, given to the head's `ray start --labels`), so that it never takes a GPU node's CPUs. One
 GPU worker group per accelerator type, sized from the catalog's autoscaling bounds; KubeRay's in-tree autoscaler
 adds pods when Serve's new replicas cannot be placed. Redis's URL comes from a Secret, never from the manifest.
@@ -27,9 +46,10 @@ Hardening ("a cluster nobody can take over"):
   `ray.io/cluster` label carries the generated RayCluster name, `qubittron-serve-xxxxx`, which changes on upgrades)
   takes traffic on any port from Ray pods of the same service (Ray picks node manager, object manager and worker
   ports at random: KubeRay's own NetworkPolicy controller allows all ports inside a cluster too), the Serve port from
-  SERVE_FROM (None: anywhere), metrics from the MONITORING_NAMESPACE, and the head's dashboard from the KubeRay
-  operator's pods in OPERATOR_NAMESPACE. Everything else (dashboard/Jobs API, GCS, Ray client, dashboard agent) is
-  refused from outside the cluster's pods. Egress stays open (Redis, PostgreSQL, the model hub).
+  SERVE_FROM (None: anywhere), metrics from the MONITORING_NAMESPACE, and the head's dashboard and Serve port (the
+  `ray.io/serve` probe) from the KubeRay operator's pods in OPERATOR_NAMESPACE. Everything else (dashboard/Jobs API,
+  GCS, Ray client, dashboard agent) is refused from outside the cluster's pods. Egress stays open (Redis,
+  PostgreSQL, the model hub).
 - securityContext on every container, the autoscaler sidecar's included (non-root uid 1000, no privilege
   escalation, no capabilities, RuntimeDefault seccomp); the pods' fsGroup 100 lets the `ray` user read Secret files.
 - The image: IMAGE_DIGEST, when set, pins it by digest (operators should); the build refuses a `latest` or missing tag.
@@ -37,6 +57,7 @@ Hardening ("a cluster nobody can take over"):
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import PurePosixPath
 
@@ -48,7 +69,9 @@ from serve_app.config.service import ServiceConfig
 
 MANIFEST = CLUSTER / "kuberay" / "rayservice.yaml"
 NETWORK_POLICY = CLUSTER / "kuberay" / "networkpolicy.yaml"
+GATEWAY_SERVICE = CLUSTER / "kuberay" / "gateway-service.yaml"
 NAME = "qubittron-serve"
+GATEWAY_NAME = f"{NAME}-gateway"
 RAY_VERSION = "2.60.0"
 IMAGE_REPOSITORY = "ghcr.io/qubittron/qubittron-serve"
 IMAGE_TAG = "0.1.0-gpu"
@@ -66,6 +89,15 @@ RAY_GID = 100
 RAY_UID = 1000
 HEAD_CPUS = 4
 SERVE_PORT, GCS_PORT, DASHBOARD_PORT, METRICS_PORT = 8000, 6379, 8265, 8080
+AGENT_PORT = 52365  # the dashboard agent, which KubeRay's probes ask for the raylet's health
+# Serve's throughput-optimized mode (direct ingress, gRPC handles), the one `qbt serve` sets (ops/launcher.py).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# KubeRay's own readiness check of a worker without its Serve half (wget SERVE_PORT/-/healthz, which it adds where a
+# template sets no probe): a GPU worker runs no ingress, nothing listens there, and it would never be Ready.
+WORKER_READINESS = {
+    "exec": {"command": ["bash", "-c", (f"wget -T 2 -q -O- http://localhost:{AGENT_PORT}/api/local_raylet_healthz"
+                                        " | grep success")]},
+    "initialDelaySeconds": 10, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 10}
 # Every Ray pod of this service carries this label (set on both templates); the NetworkPolicies select by it.
 POD_LABEL = {"qubittron.io/ray-service": NAME}
 # Where the KubeRay operator runs (the immutable namespace-name label) and its pods' label (the same in the Helm chart
@@ -106,8 +138,35 @@ def _auth_env() -> list[dict]:
             {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": dict(RAY_TOKEN_SECRET)}}]
 
 
-def _env(redis: bool) -> list[dict]:
-    env = _auth_env()
+def direct_ingress_env(ingress_replicas: int) -> dict[str, str]:
+    """The Serve controller's (the head's) ports for the ingress replicas' own HTTP servers, [SERVE_PORT, SERVE_PORT +
+    n) on each node, the lowest free one to a new replica; no quarantine of a dead replica's port (Serve holds it 150 s
+    for HAProxy, not run here), so a restarted ingress is back on SERVE_PORT at once. The drain period is left alone."""
+    return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(SERVE_PORT),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(SERVE_PORT + ingress_replicas),
+            "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+
+
+def check_direct_ingress(config: ServiceConfig, serve_config: dict) -> None:
+    """Raises ValueError (`qbt config build` fails) where the prod profile would not serve through one direct-ingress
+    replica on the head's SERVE_PORT, the gateway Service's target."""
+    replicas, http = config.ingress.num_replicas, serve_config["http_options"]
+    if replicas != 1:
+        raise ValueError(f"the prod profile's ingress has num_replicas {replicas}: direct ingress runs one replica on "
+                         f"the head, on port {SERVE_PORT}; scaling out needs a gateway worker group (kuberay.py)")
+    if serve_config["proxy_location"] != "HeadOnly":
+        raise ValueError("the prod profile's proxy_location must be HeadOnly: in direct-ingress mode Serve runs its "
+                         "proxy on the head alone")
+    if SERVE_PORT <= http["port"] < SERVE_PORT + replicas:
+        raise ValueError(f"the prod profile's http.port {http['port']} is the ingress replica's: Serve's proxy "
+                         f"listens on http.port, so use another (e.g. {SERVE_PORT + replicas})")
+    if http["host"] != "0.0.0.0":
+        raise ValueError(f"the prod profile's http.host {http['host']!r} must be 0.0.0.0: the ingress replica binds "
+                         "it, and the gateway Service reaches it over the pod network")
+
+
+def _env(redis: bool, serve: dict[str, str]) -> list[dict]:
+    env = _auth_env() + [{"name": k, "value": v} for k, v in serve.items()]
     if redis:
         env.append({"name": "REDIS_URL", "valueFrom": {"secretKeyRef": dict(REDIS_SECRET)}})
     env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token",
@@ -119,8 +178,9 @@ def security_context() -> dict:
     return dict(SECURITY_CONTEXT, capabilities={"drop": ["ALL"]}, seccompProfile={"type": "RuntimeDefault"})
 
 
-def _container(name: str, redis: bool, **fields) -> dict:
-    return {"name": name, "image": image(), "env": _env(redis), **fields, "securityContext": security_context()}
+def _container(name: str, redis: bool, serve: dict[str, str], **fields) -> dict:
+    return {"name": name, "image": image(), "env": _env(redis, serve), **fields,
+            "securityContext": security_context()}
 
 
 def _resources(cpu: int | str, memory: str, gpus: int = 0) -> dict:
@@ -166,7 +226,7 @@ def head_group(config: ServiceConfig) -> dict:
     # Only the Serve port is meant for outside; the GCS is for the workers, the dashboard for the operator (which finds
     # it by name on the head Service), metrics for Prometheus. No Ray client port (10001): nothing here uses it.
     container = _container(
-        "ray-head", redis=True,
+        "ray-head", redis=True, serve={**SERVE_ENV, **direct_ingress_env(config.ingress.num_replicas)},
         ports=[{"containerPort": SERVE_PORT, "name": "serve"}, {"containerPort": GCS_PORT, "name": "gcs"},
                {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
                {"containerPort": METRICS_PORT, "name": "metrics"}],
@@ -197,9 +257,10 @@ def worker_groups(catalog: Catalog) -> list[dict]:
             "rayStartParams": {"num-cpus": str(acc.cpus_per_node - 2), "metrics-export-port": str(METRICS_PORT)},
             "template": {"metadata": {"labels": dict(POD_LABEL)}, "spec": {
                 "containers": [_container(
-                    "ray-worker", redis=False,
+                    "ray-worker", redis=False, serve=dict(SERVE_ENV),
                     resources=_resources(acc.cpus_per_node - 2, f"{acc.memory_gib_per_node - 16}Gi",
                                          acc.gpus_per_node),
+                    readinessProbe=copy.deepcopy(WORKER_READINESS),
                     volumeMounts=[{"name": "dshm", "mountPath": "/dev/shm"}])],
                 "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}}],
                 "securityContext": {"fsGroup": RAY_GID},
@@ -210,6 +271,7 @@ def worker_groups(catalog: Catalog) -> list[dict]:
 
 
 def manifest(catalog: Catalog, serve_config: dict) -> dict:
+    check_direct_ingress(catalog.service_config("prod"), serve_config)
     apps = {"applications": serve_config["applications"], "proxy_location": serve_config["proxy_location"],
             "http_options": serve_config["http_options"]}
     return {
@@ -243,6 +305,9 @@ def render(catalog: Catalog, serve_config: dict) -> str:
         header += (f", {POSTGRES_SECRET['name']} (key {POSTGRES_SECRET['key']}: the ledger database's password,\n"
                    f"# mounted read-only on the head alone, in {secret[1]['mountPath']})")
     header += " and optionally hf-token (key token).\n"
+    header += (f"# Serve runs throughput-optimized with direct ingress: the entry point is the Service {GATEWAY_NAME}\n"
+               f"# ({GATEWAY_SERVICE.name}), not KubeRay's {NAME}-serve-svc (it selects the workers, which serve "
+               "nothing).\n")
     return header + _dump(data)
 
 
@@ -282,8 +347,10 @@ def network_policies() -> list[dict]:
         _policy("ray-internal", pods, {"from": [{"podSelector": {"matchLabels": pods}}]}),
         _policy("serve", pods, serve),
         _policy("metrics", pods, {"from": [monitoring], "ports": _tcp(METRICS_PORT)}),
+        # The operator submits Serve through the dashboard and sets the head's `ray.io/serve` label, which the
+        # gateway Service follows, by probing SERVE_PORT/-/healthz: it needs that port even where SERVE_FROM is set.
         _policy("kuberay-operator", {**pods, "ray.io/node-type": "head"},
-                {"from": [operator], "ports": _tcp(DASHBOARD_PORT)}),
+                {"from": [operator], "ports": _tcp(DASHBOARD_PORT) + _tcp(SERVE_PORT)}),
     ]
 
 
@@ -294,3 +361,21 @@ def render_network_policies() -> str:
               f"to this service's Ray pods, the dashboard also to the KubeRay\n# operator ({OPERATOR_NAMESPACE}), "
               f"metrics to {MONITORING_NAMESPACE}.\n")
     return header + _dump({"apiVersion": "v1", "kind": "List", "items": network_policies()})
+
+
+def gateway_service() -> dict:
+    """The entry point: the head's ingress replica, while the operator's `ray.io/serve` probe of its /-/healthz passes
+    (a draining ingress answers 503 and leaves the endpoints before it stops)."""
+    selector = {**POD_LABEL, "ray.io/node-type": "head", "ray.io/serve": "true"}
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": GATEWAY_NAME, "labels": {"app.kubernetes.io/name": NAME}},
+            "spec": {"type": "ClusterIP", "selector": selector,
+                     "ports": [{"name": "serve", "protocol": "TCP", "port": SERVE_PORT, "targetPort": SERVE_PORT}]}}
+
+
+def render_gateway_service() -> str:
+    header = ("# Generated by `qbt config build --profile prod`; do not edit (see serve_app/config/kuberay.py).\n"
+              f"# The entry point for the load balancer or Ingress: the head's direct-ingress replica on {SERVE_PORT}. "
+              f"KubeRay's\n# {NAME}-serve-svc is not: it selects the GPU workers too, where nothing serves in "
+              "direct-ingress mode.\n")
+    return header + _dump(gateway_service())

@@ -114,10 +114,11 @@ def test_no_env_var_holds_a_secret_literal(manifest):
         group = bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
         group["template"]["spec"]["containers"][0]["env"].append(var)
         assert secret_literals(bad) == [f"{group['groupName']}/ray-worker: {var['name']}"]
-    # Every other env var comes from a Secret.
+    # Every other env var comes from a Secret, but the auth mode and Serve's mode and ports (no secrets).
+    literals = {"RAY_AUTH_MODE", *kuberay.SERVE_ENV, *kuberay.direct_ingress_env(1)}
     for _, container in containers(manifest["spec"]["rayClusterConfig"]):
         for var in container["env"]:
-            assert var["name"] == "RAY_AUTH_MODE" or set(var) == {"name", "valueFrom"}, var["name"]
+            assert var["name"] in literals or set(var) == {"name", "valueFrom"}, var["name"]
 
 
 def test_redis_url_only_on_the_head_where_the_ingress_runs(cluster):
