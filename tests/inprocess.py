@@ -131,7 +131,9 @@ class FakeBilling:
             raise ApiError(Code.INVALID_API_KEY, "Invalid API key")
         return self.keys[key]
 
-    async def known(self, key: str) -> None:
+    async def known(self, key: str, before_lookup=None) -> None:
+        if before_lookup is not None:  # every key is "not seen recently" here
+            before_lookup()
         await self.authenticate(key)
 
     async def admit(self, key, completion_id, request_id, model, prices, req, prompt_ids,
@@ -211,7 +213,7 @@ def request_scope(body: dict | bytes, key: str | None, headers: dict | None):
         return {"type": "http.request", "body": raw, "more_body": False}
 
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
-             "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()]}
+             "client": ("10.1.2.3", 50000), "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()]}
     return scope, receive
 
 

@@ -36,8 +36,8 @@ class Http(BaseModel):
 
 
 class Profile(BaseModel):
-    """`proxy_location` HeadOnly where nodes share one machine (they would share the HTTP port), EveryNode on
-    real clusters."""
+    """`proxy_location` HeadOnly: every profile runs Serve's direct ingress (the ingress replica serves HTTP), under
+    which Serve keeps its proxy on the head anyway; EveryNode is for a proxy-mode deployment."""
 
     model_config = ConfigDict(extra="forbid")
     description: str = ""

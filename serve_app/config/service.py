@@ -204,6 +204,9 @@ class ServiceConfig(BaseModel):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 2_000_000
     body_read_s: Annotated[float, Field(gt=0)] = 30  # a body that takes longer to arrive is refused
     max_sequences: Annotated[int, Field(ge=1)] = 256  # prompts x max(n, best_of) in one request
+    # An address with this many invalid keys within the window gets 429s until the window ends (api/throttle.py).
+    auth_failure_limit: Annotated[int, Field(ge=1)] = 20
+    auth_failure_window_s: Annotated[float, Field(gt=0)] = 10
     default_rpm: Annotated[int, Field(ge=0)] = 0
     default_tpm: Annotated[int, Field(ge=0)] = 0
     default_concurrency: Annotated[int, Field(ge=0)] = 0  # requests in flight per key; 0: no cap (as rpm/tpm)

@@ -4,6 +4,7 @@ The rules of both live here or in the scripts, never in the request path."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from deployments.wire import Usage
 from serve_app.api.protocol import CompletionRequest
@@ -39,12 +40,15 @@ class Billing:
     async def authenticate(self, key: str) -> str:
         return await self.admitter.authenticate(keys.key_hash(key))
 
-    async def known(self, key: str) -> None:
+    async def known(self, key: str, before_lookup: Callable[[], None] | None = None) -> None:
         """Before a request's body is read: a key seen recently passes at once; any other is authenticated (one
-        Redis trip), so an unknown key costs no body parsing or tokenizing. Admission checks every key again."""
+        Redis trip), so an unknown key costs no body parsing or tokenizing. Admission checks every key again.
+        `before_lookup` runs only for a key not seen recently (the auth-failure throttle: it may raise)."""
         digest = keys.key_hash(key)
         if self._known.get(digest, 0) > time.monotonic():
             return
+        if before_lookup is not None:
+            before_lookup()
         await self.admitter.authenticate(digest)
         self._remember(digest)
 

@@ -308,8 +308,10 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int, ru
     if os.environ.get("REDIS_PASSWORD_FILE"):  # the file's name, not the password
         env["REDIS_PASSWORD_FILE"] = os.environ["REDIS_PASSWORD_FILE"]
     env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
+    # The node's address is loopback: Ray's metrics exporter then listens on 127.0.0.1 only (it binds every
+    # interface for any other node address), as the service itself does by default.
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
-             _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
+             _node_ip_address="127.0.0.1", _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
              _temp_dir=os.environ.get("QBT_RAY_TEMP_DIR"))
     serve.start(http_options={"host": host, "port": proxy_port}, proxy_location="HeadOnly")
     for app, args in apps:

@@ -20,9 +20,10 @@ from starlette.types import Receive, Scope, Send
 
 from deployments.wire import GenerationRequest, InvalidSampling, StreamItem, Usage, incoming
 from serve_app.api.encoding import DONE, CompletionFrame, dumps, event
-from serve_app.api.errors import ApiError, invalid, upstream
+from serve_app.api.errors import ApiError, Code, invalid, upstream
 from serve_app.api.http import JSON, error_response, read_json
 from serve_app.api.protocol import CompletionRequest, parse_completion_request
+from serve_app.api.throttle import AuthFailures, client_address
 from serve_app.config.service import Category, ModelSpec
 from serve_app.money import keys
 from serve_app.money.admission import Admission
@@ -77,7 +78,8 @@ class Call:
 class CompletionPath:
     def __init__(self, router: ModelRouter, billing: Billing, safety: SafetyStage, metrics: IngressMetrics, *,
                  max_body_bytes: int, first_item_timeout_s: float, max_request_s: float = 900,
-                 body_read_s: float = 30, max_sequences: int = 256, clock: Callable[[], float] = time.time):
+                 body_read_s: float = 30, max_sequences: int = 256, clock: Callable[[], float] = time.time,
+                 auth_failures: AuthFailures | None = None):
         self.router = router
         self.billing = billing
         self.safety = safety
@@ -88,6 +90,7 @@ class CompletionPath:
         self.body_read_s = body_read_s
         self.max_sequences = max_sequences
         self.clock = clock
+        self.auth_failures = auth_failures or AuthFailures()
         self._background: set[asyncio.Task] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -122,9 +125,12 @@ class CompletionPath:
         record = RequestRecord(request_id, completion_id, "unknown")
         root = tracer().start_span("qbt.completion", context=context_from(request.headers),
                                    attributes={"qbt.request_id": request_id, "qbt.completion_id": completion_id})
+        address = client_address(request.scope)
         try:
             key = keys.bearer_key(request.headers.get("authorization"))
-            await self.billing.known(key)  # an unknown key is refused before its body is read
+            # An unknown key is refused before its body is read; an address that keeps sending unknown keys is
+            # refused before even the lookup (a key seen recently passes: customers behind the same address).
+            await self.billing.known(key, lambda: self.auth_failures.check(address))
             req = parse_completion_request(await self._body(request))
             route = self.router.route(req.model)
             record.model, record.stream = route.spec.id, bool(req.stream)
@@ -136,6 +142,8 @@ class CompletionPath:
                 key, completion_id, request_id, route.spec.id, route.spec.prices, req, prompts.ids,
                 safety_model=route.spec.category is Category.SAFETY))
         except ApiError as exc:
+            if exc.code is Code.INVALID_API_KEY:
+                self.auth_failures.failed(address)
             record_request(self.metrics, record, Status.REFUSED.value, exc.code.value, 0, 0, None)
             root.set_attribute("qbt.status", exc.code.value)
             root.end()

@@ -15,8 +15,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serve_app.api.encoding import dumps
-from serve_app.api.errors import ApiError
+from serve_app.api.errors import ApiError, Code
 from serve_app.api.http import EXCEPTION_HANDLERS, JSON, error_response
+from serve_app.api.throttle import AuthFailures, client_address
 from serve_app.config.service import ServiceConfig
 from serve_app.money import keys, keyspace
 from serve_app.money.billing import Billing
@@ -37,10 +38,12 @@ class Gateway:
         self.router = router
         self.billing = billing
         self.ping = ping
+        self.auth_failures = AuthFailures(config.auth_failure_limit, config.auth_failure_window_s)
         self.completions = CompletionPath(router, billing, safety, metrics, max_body_bytes=config.max_body_bytes,
                                           first_item_timeout_s=config.first_item_timeout_s,
                                           max_request_s=config.max_request_s, body_read_s=config.body_read_s,
-                                          max_sequences=config.max_sequences, clock=clock)
+                                          max_sequences=config.max_sequences, clock=clock,
+                                          auth_failures=self.auth_failures)
         self._created = int(clock())
 
     @classmethod
@@ -67,9 +70,13 @@ class Gateway:
                          exception_handlers=EXCEPTION_HANDLERS)
 
     async def models(self, request: Request) -> Response:
+        address = client_address(request.scope)
         try:
+            self.auth_failures.check(address)
             await self.billing.authenticate(keys.bearer_key(request.headers.get("authorization")))
         except ApiError as exc:
+            if exc.code is Code.INVALID_API_KEY:
+                self.auth_failures.failed(address)
             return error_response(exc)
         data = [{"id": r.spec.id, "object": "model", "created": self._created, "owned_by": "qubittron",
                  "category": r.spec.category.value, "max_model_len": r.spec.max_model_len}

@@ -79,3 +79,15 @@ def test_a_streaming_request_is_one_trace_across_the_handle(stack, make_customer
         assert spans[name]["parent_id"] == sid("qbt.completion"), name
     assert spans["qbt.engine"]["parent_id"] == sid("qbt.generate")
     assert [e["name"] for e in spans["qbt.generate"]["events"]] == ["first_token"]
+
+
+def test_the_service_and_ray_metrics_listen_on_loopback_only(stack):
+    """Least exposure locally: `make serve` answers on 127.0.0.1, and so do Ray's metrics (the node address is
+    loopback, so Ray's exporter binds 127.0.0.1, not every interface)."""
+    import psutil
+    from urllib.parse import urlparse
+
+    ports = {urlparse(stack.base_url).port, urlparse(stack.metrics_url).port}
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
+    assert {c.laddr.port for c in listening} == ports
+    assert all(c.laddr.ip == "127.0.0.1" for c in listening), [(c.laddr, c.pid) for c in listening]

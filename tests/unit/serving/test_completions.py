@@ -308,3 +308,13 @@ async def test_too_many_sequences_and_a_trickled_body_are_refused(harness):
 
     res = await harness.gateway.completions.handle(Request(scope, trickle))
     assert res.status_code == 400 and "did not arrive within 0.2 s" in error_of(res)["message"]
+
+
+async def test_an_address_that_keeps_sending_unknown_keys_is_throttled_before_the_lookup(harness):
+    limit = harness.gateway.config.auth_failure_limit
+    for _ in range(limit):
+        res = await harness.post(body(), key="qbt_" + "x" * 40)
+        assert res.status_code == 401
+    res = await harness.post(body(), key="qbt_" + "y" * 40)
+    assert res.status_code == 429 and error_of(res)["code"] == "rate_limit_exceeded"
+    assert int(res.headers["retry-after"]) >= 1 and harness.billing.admitted == []
