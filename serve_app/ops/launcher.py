@@ -197,6 +197,10 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
     # Ray Serve's throughput-optimized mode: the ingress replica serves HTTP itself (no proxy hop) and handles
     # talk gRPC (README, Performance). Set before Ray is imported anywhere in this process.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # A one-machine Ray: its node address is loopback, so every Ray listener (GCS, raylet, workers, the metrics
+    # export) binds 127.0.0.1 instead of every interface. Ray's own switch for machines that are not cluster
+    # nodes; read when Ray is imported. `ray start` clusters (the multinode profile, KubeRay) do not use it.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     become_subreaper()
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping = {"flag": False}
@@ -308,10 +312,8 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int, ru
     if os.environ.get("REDIS_PASSWORD_FILE"):  # the file's name, not the password
         env["REDIS_PASSWORD_FILE"] = os.environ["REDIS_PASSWORD_FILE"]
     env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
-    # The node's address is loopback: Ray's metrics exporter then listens on 127.0.0.1 only (it binds every
-    # interface for any other node address), as the service itself does by default.
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
-             _node_ip_address="127.0.0.1", _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
+             _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
              _temp_dir=os.environ.get("QBT_RAY_TEMP_DIR"))
     serve.start(http_options={"host": host, "port": proxy_port}, proxy_location="HeadOnly")
     for app, args in apps:

@@ -81,13 +81,18 @@ def test_a_streaming_request_is_one_trace_across_the_handle(stack, make_customer
     assert [e["name"] for e in spans["qbt.generate"]["events"]] == ["first_token"]
 
 
-def test_the_service_and_ray_metrics_listen_on_loopback_only(stack):
-    """Least exposure locally: `make serve` answers on 127.0.0.1, and so do Ray's metrics (the node address is
-    loopback, so Ray's exporter binds 127.0.0.1, not every interface)."""
+def test_the_stack_listens_on_loopback_only(stack):
+    """Least exposure locally: `make serve` answers on 127.0.0.1, and so does every Ray process it started (GCS,
+    raylet, agents, Ray's metrics export): the launcher runs Ray as a one-machine Ray."""
     import psutil
     from urllib.parse import urlparse
 
-    ports = {urlparse(stack.base_url).port, urlparse(stack.metrics_url).port}
-    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
-    assert {c.laddr.port for c in listening} == ports
-    assert all(c.laddr.ip == "127.0.0.1" for c in listening), [(c.laddr, c.pid) for c in listening]
+    pids = {p.pid for p in stack.descendants()}
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert {urlparse(stack.base_url).port, urlparse(stack.metrics_url).port} <= {c.laddr.port for c in listening}
+    exposed = [(c.laddr, psutil.Process(c.pid).name()) for c in listening
+               if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    # Serve 2.60 binds each replica's internal gRPC server (handle calls between deployments) to [::] whatever the
+    # node's address (replica.py, "[::]:0"); those calls need Ray's auth token. Everything else is on loopback.
+    assert [e for e in exposed if not e[1].startswith("ray::ServeRepl")] == []
+    assert all(e[0].ip == "::" for e in exposed)
