@@ -31,7 +31,7 @@ from serve_app.money.billing import Billing
 from serve_app.money.status import Status
 from serve_app.safety.policy import GuardMode
 from serve_app.safety.stage import Gate, SafetyStage, Screening
-from serve_app.serving.prompts import Prompts, prompt_texts, tokenize
+from serve_app.serving.prompts import Prompts, prompt_texts, tokenize_async
 from serve_app.serving.routing import ModelRoute, ModelRouter
 from serve_app.telemetry.metrics import IngressMetrics, RequestRecord, record_request
 from serve_app.telemetry.tracing import carrier_of, child, context_from, traced, tracer
@@ -134,7 +134,7 @@ class CompletionPath:
             req = parse_completion_request(await self._body(request))
             route = self.router.route(req.model)
             record.model, record.stream = route.spec.id, bool(req.stream)
-            prompts = tokenize(req, route.spec, route.tokenizer)
+            prompts = await tokenize_async(req, route.spec, route.tokenizer)
             if len(prompts.ids) * req.candidates_per_prompt > self.max_sequences:
                 raise invalid(f"This request asks for {len(prompts.ids) * req.candidates_per_prompt} sequences "
                               f"(prompts x max(n, best_of)); at most {self.max_sequences} are allowed.", "n")

@@ -3,6 +3,8 @@ support, and prompt plus max_tokens within the model's context."""
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from deployments.choices import echo_text
@@ -27,6 +29,23 @@ def normalise(prompt) -> list[str | list[int]]:
     if prompt and isinstance(prompt[0], int):
         return [prompt]
     return list(prompt)
+
+
+OFF_LOOP_CHARS = 16_384  # prompts at least this long (characters or token ids) are tokenized in the worker thread
+_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbt-tokenize")
+
+
+async def tokenize_async(req: CompletionRequest, spec: ModelSpec, tokenizer) -> Prompts:
+    """Long prompts are tokenized in one worker thread, one at a time: the tokenizer releases the GIL, so the event
+    loop goes on forwarding every other stream meanwhile (a 900 KB prompt takes about 0.7 s here, which on the loop
+    would stall them all). Short ones stay on the loop, where a thread hop would cost more than they do."""
+    if prompt_size(req) < OFF_LOOP_CHARS:
+        return tokenize(req, spec, tokenizer)
+    return await asyncio.get_running_loop().run_in_executor(_worker, tokenize, req, spec, tokenizer)
+
+
+def prompt_size(req: CompletionRequest) -> int:
+    return sum(len(item) for item in normalise(req.prompt)) + len(req.suffix or "")
 
 
 def tokenize(req: CompletionRequest, spec: ModelSpec, tokenizer) -> Prompts:
