@@ -24,7 +24,7 @@ import sys
 import time
 from importlib.metadata import version
 
-from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls
+from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
 from benchmarks.sse_client import Connection, closed_loop
 from serve_app.config.paths import model_path
 from serve_app.ops.dev_models import ensure_built
@@ -195,13 +195,6 @@ def paired(rows: list[dict], name: str, base: str, key: str, diff: bool = False)
         if b is not None and r.get(key) is not None and b.get(key):
             out.append(r[key] - b[key] if diff else r[key] / b[key])
     return out
-
-
-def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    return f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))} to {fmt.format(max(xs))})"
 
 
 def report(rows: list[dict], meta: dict) -> str:

@@ -17,11 +17,10 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
-from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls
+from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
 from benchmarks.sse_client import closed_loop
 from serve_app.ops.launcher import become_subreaper, stop_descendants
 
@@ -80,13 +79,6 @@ async def measure(args, keys: dict[str, str], meter: CpuMeter) -> list[dict]:
             row["round"] = rnd + 1
             rows.append(row)
     return rows
-
-
-def spread(xs: list[float]) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
 
 def report(rows: list[dict], meta: dict) -> str:

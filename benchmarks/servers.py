@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +23,14 @@ ROLES = ("ingress", "model replica", "guard replica", "proxy", "vllm api server"
 
 def say(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
+
+
+def spread(xs: list[float | None], fmt: str = "{:.2f}") -> str:
+    """The median of the rounds and their range, as every results table shows it."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))} to {fmt.format(max(xs))})"
 
 
 class System:
