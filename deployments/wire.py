@@ -12,6 +12,12 @@ from typing import Any
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+def dumps(payload: dict | list) -> bytes:
+    """The one JSON encoding of what reaches clients (compact, UTF-8), whichever side renders it: the model replica
+    (`outgoing`) or the ingress (`serve_app/api/encoding.py`), so a chunk is the same bytes either way."""
+    return _dumps(payload).encode()
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     """One completions request, already validated and tokenized by the ingress."""
@@ -63,7 +69,7 @@ def outgoing(item: StreamItem, render: bool) -> tuple[list | bytes, int]:
     """A stream item as it crosses the handle, once per engine step per stream: a plain tuple (pickled in about a
     microsecond, where the dataclass takes ten), with the choices already JSON when nothing on the ingress reads
     them, so the ingress only frames bytes. The prompt's tokens are not sent: the ingress counted them."""
-    return (_dumps(item.choices).encode() if render else item.choices), item.usage.completion_tokens
+    return (dumps(item.choices) if render else item.choices), item.usage.completion_tokens
 
 
 def incoming(raw: tuple[list | bytes, int], prompt_tokens: int) -> StreamItem:

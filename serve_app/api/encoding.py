@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
+from deployments.wire import dumps
 
 DONE = b"data: [DONE]\n\n"
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class CompletionFrame:
@@ -17,8 +16,8 @@ class CompletionFrame:
         self.model = model
         self.include_usage = include_usage
         # Every chunk is this head, its choices and this tail: built once per response, not per chunk.
-        head = _dumps({"id": completion_id, "object": "text_completion", "created": created, "model": model})
-        self._head = b"data: " + head[:-1].encode() + b',"choices":'
+        head = dumps({"id": completion_id, "object": "text_completion", "created": created, "model": model})
+        self._head = b"data: " + head[:-1] + b',"choices":'
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
 
     def obj(self, choices: list[dict], usage: dict | None) -> dict:
@@ -29,7 +28,7 @@ class CompletionFrame:
         return out
 
     def chunk(self, choices: list[dict]) -> bytes:
-        return self._head + _dumps(choices).encode() + self._tail
+        return self._head + dumps(choices) + self._tail
 
     def rendered_chunk(self, choices_json: bytes) -> bytes:
         """A chunk from choices the model replica already rendered (`wire.outgoing`)."""
@@ -40,8 +39,4 @@ class CompletionFrame:
 
 
 def event(payload: dict) -> bytes:
-    return b"data: " + _dumps(payload).encode() + b"\n\n"
-
-
-def dumps(payload: dict) -> bytes:
-    return _dumps(payload).encode()
+    return b"data: " + dumps(payload) + b"\n\n"
