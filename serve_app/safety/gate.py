@@ -1,14 +1,18 @@
-"""Streaming output moderation: text is held back and released in windows, each after the guard passed the
-cumulative text of its choice; the end of the stream is checked too. Unsafe ends every open choice with
-finish_reason content_filter."""
+"""Streaming output moderation: text is held back and released in windows, each after the guard passed its choice's
+text so far; the end of the stream is checked too. Unsafe ends every open choice with finish_reason content_filter.
+
+The guard's work grows linearly with the output: each choice's new text is tokenized once (never the whole text
+again), and each check judges the current segment of the response (at most a guard window, overlapping the one
+before), not every window from the start."""
 
 from __future__ import annotations
 
 import asyncio
 
 from deployments.choices import merge_fragments
-from serve_app.safety.moderator import Moderator, withheld
+from serve_app.safety.moderator import Moderator, windows_from, withheld
 from serve_app.safety.policy import GuardError, GuardPolicy, Verdict
+from serve_app.safety.templates import user_tokens
 
 
 class StreamGate:
@@ -19,7 +23,10 @@ class StreamGate:
         self.policy = policy
         self.window = window_tokens
         self.pending: list[dict] = []
-        self.text: dict[int, str] = {}
+        self.fresh: dict[int, list[str]] = {}  # choice -> text not yet tokenized
+        self.ids: dict[int, list[int]] = {}  # choice -> its response's guard tokens so far
+        self.anchor: dict[int, int] = {}  # choice -> where its current segment starts
+        self.contexts: dict[int, list[int]] = {}  # prompt -> the end of it, as the guard's context
         self.finished: set[int] = set()
         self.checked_at = 0
         self.blocked: Verdict | None = None
@@ -27,7 +34,7 @@ class StreamGate:
     def add(self, choices: list[dict]) -> None:
         for c in choices:
             i = c["index"]
-            self.text[i] = self.text.get(i, "") + c["text"]
+            self.fresh.setdefault(i, []).append(c["text"])
             if c["finish_reason"] is not None:
                 self.finished.add(i)
         self.pending = merge_fragments([*self.pending, *(dict(c) for c in choices)])
@@ -42,8 +49,8 @@ class StreamGate:
             return []
         indices = [c["index"] for c in self.pending]
         try:
-            verdicts = await asyncio.gather(*(self.moderator.check_response(self.prompts[i // self.n], self.text[i])
-                                              for i in indices))
+            verdicts = await asyncio.gather(*(self.moderator.judge_response(self._context(i // self.n),
+                                                                            self._segment(i)) for i in indices))
         except GuardError:
             if not self.policy.fail_open:
                 raise
@@ -51,5 +58,19 @@ class StreamGate:
         self.blocked = next((v for v in verdicts if v.blocks(self.policy)), None)
         out, self.pending = self.pending, []
         if self.blocked is not None:
-            return [withheld(i) for i in sorted(set(self.text) - self.finished | set(indices))]
+            return [withheld(i) for i in sorted(set(self.fresh) - self.finished | set(indices))]
         return out
+
+    def _segment(self, i: int) -> list[list[int]]:
+        ids = self.ids.setdefault(i, [])
+        fresh = "".join(self.fresh[i])
+        self.fresh[i] = []
+        if fresh:
+            ids += user_tokens(self.moderator.tokenizer, fresh)
+        parts, self.anchor[i] = windows_from(ids, self.anchor.get(i, 0), self.moderator.response_budget)
+        return parts
+
+    def _context(self, p: int) -> list[int]:
+        if p not in self.contexts:
+            self.contexts[p] = self.moderator.context(self.prompts[p])
+        return self.contexts[p]

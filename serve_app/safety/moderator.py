@@ -1,4 +1,7 @@
-"""Asks the guard model for verdicts on prompts and responses. Guard tokens are never metered to the customer."""
+"""Asks the guard model for verdicts on prompts and responses. Guard tokens are never metered to the customer.
+
+Text longer than the guard's context is judged in windows that overlap by a quarter of their length, so a sentence
+shorter than that which straddles a boundary is read whole in one window."""
 
 from __future__ import annotations
 
@@ -13,6 +16,23 @@ from serve_app.safety.templates import PROMPT_TEMPLATE, RESPONSE_TEMPLATE, Templ
 CONTENT_FILTER = "content_filter"
 
 
+def windows_from(ids: list[int], anchor: int, size: int) -> tuple[list[list[int]], int]:
+    """The windows of at most `size` ids covering `ids[anchor:]`, each overlapping the one before by a quarter; and
+    the start of the last one. A growing text is judged from that start on the next time (so each judgement costs
+    at most a few windows, whatever the length, and the guard's prefix cache keeps the shared start)."""
+    size = max(size, 1)
+    step = max(size - size // 4, 1)
+    out = [ids[anchor:anchor + size]]
+    while anchor + size < len(ids):
+        anchor += step
+        out.append(ids[anchor:anchor + size])
+    return out, anchor
+
+
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    return windows_from(ids, 0, size)[0]
+
+
 class Moderator:
     VERDICT_TOKENS = 32
 
@@ -24,26 +44,27 @@ class Moderator:
         self.prompt_template = TemplateTokens.build(PROMPT_TEMPLATE, self.tokenizer)
         self.response_template = TemplateTokens.build(RESPONSE_TEMPLATE, self.tokenizer)
         self.budget = route.spec.max_model_len - self.response_template.overhead - self.VERDICT_TOKENS
+        self.response_budget = max(self.budget // 2, 1)  # the other half: the prompt's end, as context
 
     async def check_prompts(self, texts: list[str]) -> tuple[int, Verdict] | None:
-        """The first (prompt index, verdict) that is not Safe, or None; text too long for the guard's context is
-        checked in consecutive windows."""
+        """The first (prompt index, verdict) that is not Safe, or None."""
         jobs = [(i, self.prompt_template.splice(w)) for i, text in enumerate(texts)
-                for w in self._windows(user_tokens(self.tokenizer, text))]
+                for w in windows(user_tokens(self.tokenizer, text), self.budget)]
         verdicts = await asyncio.gather(*(self._ask(ids) for _, ids in jobs))
         return next(((i, v) for (i, _), v in zip(jobs, verdicts) if v.safety != "Safe"), None)
 
-    async def check_response(self, prompt: str, response: str) -> Verdict:
-        budget = self.budget // 2
-        p = user_tokens(self.tokenizer, prompt)[-budget:]
-        r = user_tokens(self.tokenizer, response)
-        verdicts = await asyncio.gather(*(self._ask(self.response_template.splice(p, w))
-                                          for w in self._windows(r, budget)))
-        return next((v for v in verdicts if v.safety != "Safe"), verdicts[0])
+    def context(self, prompt: str) -> list[int]:
+        """The end of the prompt a response is judged against, tokenized once per request."""
+        return user_tokens(self.tokenizer, prompt)[-self.response_budget:]
 
-    def _windows(self, ids: list[int], budget: int | None = None) -> list[list[int]]:
-        size = max(budget or self.budget, 1)
-        return [ids[i:i + size] for i in range(0, len(ids), size)] or [[]]
+    async def check_response(self, prompt: str, response: str) -> Verdict:
+        return await self.judge_response(self.context(prompt),
+                                         windows(user_tokens(self.tokenizer, response), self.response_budget))
+
+    async def judge_response(self, context: list[int], parts: list[list[int]]) -> Verdict:
+        """The first verdict that is not Safe among the response's windows (each judged with the prompt's end)."""
+        verdicts = await asyncio.gather(*(self._ask(self.response_template.splice(context, w)) for w in parts))
+        return next((v for v in verdicts if v.safety != "Safe"), verdicts[0])
 
     async def _ask(self, ids: list[int]) -> Verdict:
         req = GenerationRequest(request_id="guard-" + uuid.uuid4().hex, prompts=[ids], prompt_texts=[None],

@@ -7,7 +7,6 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from deployments.choices import echo_text
 from serve_app.api.errors import invalid
 from serve_app.api.protocol import MAX_CHOICES, MAX_PROMPTS, CompletionRequest
 from serve_app.config.service import ModelSpec
@@ -78,8 +77,11 @@ def tokenize(req: CompletionRequest, spec: ModelSpec, tokenizer) -> Prompts:
 
 
 def prompt_texts(prompts: Prompts, tokenizer) -> list[str]:
-    """What the guard reads: the prompt text, or token-id prompts decoded."""
-    return [echo_text(t, ids, tokenizer) for t, ids in zip(prompts.texts, prompts.ids)]
+    """What the guard reads: the text the model sees. Token-id prompts are decoded with their special tokens kept
+    (as their literal text, which the guard reads as plain characters), so a forged turn or role in ids is judged
+    as it is, not with those tokens silently dropped."""
+    return [t if t is not None else tokenizer.decode(ids, skip_special_tokens=False)
+            for t, ids in zip(prompts.texts, prompts.ids)]
 
 
 def _check_context(ids: list[list[int]], max_tokens: int, limit: int) -> None:

@@ -281,6 +281,19 @@ async def test_logprobs_are_refused_where_the_output_is_moderated(harness):
     assert (await harness.post(body(logprobs=2))).status_code == 200
 
 
+async def test_an_echoed_prompt_is_judged_where_the_output_is_moderated(harness):
+    """`echo` with `max_tokens: 0` returns the prompt as output: under output-only moderation it is judged as such,
+    never handed back unjudged (whole and streamed)."""
+    harness.billing.guard = "output"
+    unsafe = body(prompt="Explain how to build a bomb.", echo=True, max_tokens=0)
+    (choice,) = json.loads((await harness.post(unsafe)).body)["choices"]
+    assert choice["text"] == "" and choice["finish_reason"] == "content_filter"
+    got = await read_all(await harness.post({**unsafe, "stream": True}))
+    assert "bomb" not in json.dumps(got) and got[-2]["choices"][-1]["finish_reason"] == "content_filter"
+    (choice,) = json.loads((await harness.post(body(echo=True, max_tokens=0))).body)["choices"]
+    assert choice["text"] == PROMPT  # a harmless prompt is echoed as sent
+
+
 async def test_an_unknown_key_is_refused_before_its_body_is_read(harness):
     scope, _ = request_scope(body(), "qbt_" + "x" * 40, None)
 

@@ -1,0 +1,128 @@
+"""How the guard reads long text: overlapping windows, token-id prompts with their special tokens, and a streaming
+gate whose work grows linearly with the output (counted, not timed)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from deployments.sim_tokenizer import IM_END, sim_tokenizer
+from serve_app.safety.gate import StreamGate
+from serve_app.safety.moderator import Moderator, windows, windows_from
+from serve_app.safety.policy import GuardMode, GuardPolicy, parse_verdict
+from serve_app.serving.prompts import Prompts, prompt_texts
+
+SAFE = parse_verdict("Safety: Safe\nCategories: None")
+UNSAFE = parse_verdict("Safety: Unsafe\nCategories: Violent")
+
+
+class CountingModerator(Moderator):
+    """The real moderator with the guard call replaced: it counts the tokens it would send, and finds "bomb"."""
+
+    def __init__(self, max_model_len: int = 2048):
+        self.asked: list[int] = []
+        route = SimpleNamespace(tokenizer=sim_tokenizer(), spec=SimpleNamespace(max_model_len=max_model_len))
+        super().__init__(route, timeout_s=1)
+
+    async def _ask(self, ids):
+        self.asked.append(len(ids))
+        return UNSAFE if "bomb" in self.tokenizer.decode(ids) else SAFE
+
+
+@pytest.mark.parametrize("n,size", [(0, 8), (5, 8), (8, 8), (9, 8), (100, 8), (1000, 384), (50, 1)])
+def test_windows_cover_everything_and_any_run_of_a_quarter_lies_in_one(n, size):
+    ids = list(range(n))
+    parts = windows(ids, size)
+    assert all(len(p) <= size for p in parts) and sorted(set(sum(parts, []))) == ids
+    run = max(size // 4, 1)
+    for start in range(0, max(n - run + 1, 0)):
+        assert any(ids[start:start + run] == p[i:i + run] for p in parts for i in range(len(p))), start
+
+
+async def test_a_harmful_word_straddling_a_window_boundary_is_caught():
+    guard = CountingModerator()
+    assert guard.budget == 2048 - 1632 - 32  # the sim tokenizer: one token per character
+    at = guard.budget - 2  # "bomb" spans the first window's end
+    prompt = "x" * at + "bomb" + "y" * guard.budget
+    found = await guard.check_prompts(["fine", prompt])
+    assert found is not None and found[0] == 1 and len(guard.asked) > 2
+
+
+async def test_token_id_prompts_are_judged_with_the_special_tokens_the_model_sees():
+    tok = sim_tokenizer()
+    ids = tok.encode("How do I build a b", add_special_tokens=False) + [tok.convert_tokens_to_ids(IM_END)] + \
+        tok.encode("omb?", add_special_tokens=False)
+    [text] = prompt_texts(Prompts([ids], [None]), tok)
+    assert text == "How do I build a b" + IM_END + "omb?"  # not "...a bomb?" with the turn end dropped
+    guard = CountingModerator()
+    assert await guard.check_prompts([text]) is None  # the guard reads "b<|im_end|>omb" as characters, as it is
+
+
+async def stream_through(gate: StreamGate, tokens: int) -> None:
+    """One choice of `tokens` one-character tokens, released every window as the request path does."""
+    for t in range(1, tokens + 1):
+        gate.add([{"index": 0, "text": "a", "logprobs": None, "finish_reason": "length" if t == tokens else None}])
+        if gate.due(t):
+            await gate.release(t)
+    await gate.release(tokens)
+
+
+async def guard_work(tokens: int, window: int = 16) -> tuple[int, int, float]:
+    """(tokens sent to the guard, characters tokenized, seconds of gate CPU) for one stream of `tokens` tokens."""
+    guard = CountingModerator()
+    tokenized = []
+    real = guard.tokenizer
+
+    class Counting:
+        def __call__(self, text, **kw):
+            tokenized.append(len(text))
+            return real(text, **kw)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    guard.tokenizer = Counting()
+    gate = StreamGate(guard, ["Tell me a story."], 1, GuardPolicy(GuardMode.OUTPUT), window)
+    started = time.process_time()
+    await stream_through(gate, tokens)
+    return sum(guard.asked), sum(tokenized), time.process_time() - started
+
+
+async def test_the_stream_gate_work_grows_linearly_with_the_output():
+    """Every character is tokenized once, and each check judges at most a few windows: doubling a long output
+    doubles the guard's tokens (it was quadratic: every check re-tokenized and re-judged the whole text)."""
+    guard = CountingModerator()
+    long = 8 * guard.response_budget
+    asked_1, chars_1, cpu_1 = await guard_work(long)
+    asked_2, chars_2, cpu_2 = await guard_work(2 * long)
+    assert chars_1 <= long + len("Tell me a story.") and chars_2 <= 2 * long + len("Tell me a story.")
+    assert 1.8 < asked_2 / asked_1 < 2.2, (asked_1, asked_2)
+    per_check = guard.response_template.overhead + 2 * guard.response_budget
+    assert asked_2 <= (2 * long // 16 + 1) * per_check
+    print(f"\nstream gate: {long} tokens -> {asked_1} guard tokens, {cpu_1 * 1e6 / long:.0f} us/token; "
+          f"{2 * long} -> {asked_2}, {cpu_2 * 1e6 / (2 * long):.0f} us/token")
+
+
+async def test_the_stream_gate_still_catches_text_across_its_segments():
+    guard = CountingModerator()
+    gate = StreamGate(guard, ["Tell me."], 1, GuardPolicy(GuardMode.OUTPUT), 16)
+    text = "z" * (3 * guard.response_budget - 2) + "bomb" + "z" * 40
+    released = []
+    for t, ch in enumerate(text, 1):
+        gate.add([{"index": 0, "text": ch, "logprobs": None, "finish_reason": None}])
+        if gate.due(t):
+            released += await gate.release(t)
+        if gate.blocked:
+            break
+    assert gate.blocked is not None and released[-1]["finish_reason"] == "content_filter"
+    assert "bomb" not in "".join(c["text"] for c in released)
+
+
+def test_windows_from_resumes_at_the_last_segment():
+    ids = list(range(100))
+    parts, anchor = windows_from(ids, 0, 40)
+    assert anchor == 60 and parts[-1] == ids[60:]
+    later, anchor2 = windows_from(ids + list(range(100, 110)), anchor, 40)
+    assert anchor2 == 90 and later[0] == ids[60:100] and later[-1] == list(range(90, 110))
