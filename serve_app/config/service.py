@@ -93,6 +93,9 @@ class Architecture(BaseModel):
         return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_cache_bytes
 
 
+DRAIN_MARGIN_S = 30
+
+
 class ModelSpec(BaseModel):
     """One served model: where its weights come from, how its engine runs, how it scales and what it costs."""
 
@@ -110,6 +113,9 @@ class ModelSpec(BaseModel):
     num_replicas: Annotated[int, Field(ge=1)] | None = None
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 64
+    # Requests waiting for a replica once every replica has max_ongoing_requests; more are answered 503 with
+    # Retry-After at once (serving/routing.py) instead of queueing without end.
+    max_queued_requests: Annotated[int, Field(ge=1)] = 128
     env: dict[str, str] = {}
     accelerator: Accelerator | None = None
     architecture: Architecture | None = None
@@ -220,6 +226,11 @@ class ServiceConfig(BaseModel):
     guard: GuardConfig | None = None
     ledger: LedgerConfig = LedgerConfig()  # where the ledger is exported (SQLite locally, PostgreSQL in production)
     catalog_models: list[str] = []
+
+    @property
+    def drain_s(self) -> float:
+        """How long a stopping model replica finishes what it runs: the longest request allowed, and a margin."""
+        return self.max_request_s + DRAIN_MARGIN_S
 
     @model_validator(mode="after")
     def _unique(self) -> ServiceConfig:

@@ -44,10 +44,13 @@ def placement(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any], dict[str
     return actor, options, engine
 
 
-def model_deployment(spec: ModelSpec) -> Application:
+def model_deployment(spec: ModelSpec, drain_s: float) -> Application:
+    """A replica being stopped (downscale, redeploy) gets no new requests and finishes the ones it runs for up to
+    `drain_s`, the longest request allowed, before Serve ends it (Serve's default is 20 s)."""
     actor, options, engine = placement(spec)
     options.update(name=spec.deployment_name(), ray_actor_options=actor,
-                   max_ongoing_requests=spec.max_ongoing_requests)
+                   max_ongoing_requests=spec.max_ongoing_requests, max_queued_requests=spec.max_queued_requests,
+                   graceful_shutdown_timeout_s=drain_s)
     if spec.autoscaling is not None:
         options["autoscaling_config"] = spec.autoscaling.model_dump(exclude_none=True)
     else:
@@ -58,7 +61,7 @@ def model_deployment(spec: ModelSpec) -> Application:
 
 def build_app(args: dict[str, Any]) -> Application:
     config = ServiceConfig.model_validate(args)
-    handles = {spec.id: model_deployment(spec) for spec in config.models}
+    handles = {spec.id: model_deployment(spec, config.drain_s) for spec in config.models}
     actor: dict[str, Any] = {"num_cpus": config.ingress.num_cpus}
     if config.ingress.label_selector:
         actor["label_selector"] = dict(config.ingress.label_selector)

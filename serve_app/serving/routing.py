@@ -7,11 +7,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from ray.serve.exceptions import BackPressureError
+
 from serve_app.api.errors import ApiError, Code
 from serve_app.config.service import ModelSpec
 
 
-RETRY_COLD_S, RETRY_UPSTREAM_S = 30, 5
+RETRY_COLD_S, RETRY_UPSTREAM_S, RETRY_QUEUE_FULL_S = 30, 5, 1
 # Plain pickle for what crosses to and from the model replicas (deployments/wire.py: importable types; stream items
 # are plain tuples, about a microsecond each way): Serve's default, cloudpickle, costs far more per streamed item.
 WIRE = {"request_serialization": "pickle", "response_serialization": "pickle"}
@@ -37,6 +39,14 @@ class ModelRoute:
         except (asyncio.TimeoutError, TimeoutError):
             response.cancel()
             raise self.unavailable() from None
+        except BackPressureError:
+            raise self.queue_full() from None
+
+    def queue_full(self) -> ApiError:
+        """Every replica is busy and `max_queued_requests` wait already: refused at once, never queued."""
+        return ApiError(Code.SERVICE_UNAVAILABLE, f"The model '{self.spec.id}' is at capacity "
+                        f"({self.spec.max_queued_requests} requests already waiting); retry shortly.",
+                        headers={"Retry-After": str(RETRY_QUEUE_FULL_S)})
 
     def unavailable(self) -> ApiError:
         if self.spec.scales_from_zero:

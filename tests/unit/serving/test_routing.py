@@ -60,3 +60,32 @@ def test_serve_handles_still_expose_the_assignment_future():
 
     for cls in (DeploymentResponse, DeploymentResponseGenerator):
         assert asyncio.iscoroutinefunction(cls._fetch_future_result_async)
+
+
+class QueueFull(Unassigned):
+    """Serve's handle refusing a request: every replica busy and `max_queued_requests` already waiting."""
+
+    async def _fetch_future_result_async(self):
+        from ray.serve.exceptions import BackPressureError
+
+        raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
+
+
+def test_a_full_queue_is_503_with_retry_after_at_once():
+    with pytest.raises(ApiError) as err:
+        asyncio.run(route(max_queued_requests=4).assigned(QueueFull()))
+    assert err.value.code is Code.SERVICE_UNAVAILABLE and err.value.status == 503
+    assert err.value.headers["Retry-After"] == "1" and "4 requests already waiting" in err.value.message
+
+
+def test_model_replicas_are_bounded_and_drained_for_the_longest_request():
+    from serve_app.config.service import ServiceConfig
+    from serve_app.serving.app import build_app
+
+    config = ServiceConfig.model_validate({"models": [{**SPEC, "max_queued_requests": 7}], "max_request_s": 600})
+    app = build_app(config.model_dump(mode="json"))
+    model = app._bound_deployment.init_args[1][SPEC["id"]]._bound_deployment
+    assert model._deployment_config.max_queued_requests == 7
+    assert model._deployment_config.graceful_shutdown_timeout_s == 600 + 30 == config.drain_s
+    with pytest.raises(ValueError):
+        ModelSpec.model_validate({**SPEC, "max_queued_requests": 0})
