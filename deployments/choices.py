@@ -101,3 +101,30 @@ def mean_logprob(cumulative: float | None, tokens: int) -> float:
     if cumulative is None:
         return float("-inf")
     return cumulative / max(tokens, 1)
+
+
+def chat_logprobs(block: dict | None, top: int) -> dict | None:
+    """A completions logprobs object as chat's: one entry per token, with its bytes and `top` alternatives."""
+    if block is None:
+        return None
+    content = []
+    for token, logprob, alternatives in zip(block["tokens"], block["token_logprobs"], block["top_logprobs"]):
+        ranked = sorted((alternatives or {}).items(), key=lambda kv: -kv[1])[:top]
+        content.append({"token": token, "logprob": LOGPROB_FLOOR if logprob is None else logprob,
+                        "bytes": list(token.encode()),
+                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in ranked]})
+    return {"content": content, "refusal": None}
+
+
+def chat_deltas(choices: list[dict], top: int | None) -> list[dict]:
+    """Completion choice fragments as chat.completion.chunk choices (the role went in the stream's first chunk)."""
+    return [{"index": c["index"], "delta": {"content": c["text"]} if c["text"] else {},
+             "logprobs": chat_logprobs(c["logprobs"], top or 0), "finish_reason": c["finish_reason"]}
+            for c in choices]
+
+
+def chat_messages(choices: list[dict], top: int | None) -> list[dict]:
+    """Whole completion choices as chat.completion choices."""
+    return [{"index": c["index"], "message": {"role": "assistant", "content": c["text"], "refusal": None},
+             "logprobs": chat_logprobs(c["logprobs"], top or 0), "finish_reason": c["finish_reason"]}
+            for c in choices]

@@ -66,6 +66,10 @@ class Engine:
         kwargs = dict(req.sampling)
         if "logit_bias" in kwargs:
             kwargs["logit_bias"] = {int(k): float(v) for k, v in kwargs["logit_bias"].items()}
+        if "structured_outputs" in kwargs:  # chat's response_format (serve_app/api/chat_protocol.py)
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
         try:
             return SamplingParams(
                 n=1 if self._greedy(req) else candidates, max_tokens=max(req.max_tokens, 1),

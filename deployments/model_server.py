@@ -45,11 +45,11 @@ class ModelServer:
         """Items as `wire.outgoing` makes them. Cancelling this generator (client gone) cancels the engine request,
         which frees its KV cache."""
         span = self._span(req)
-        produced, ended, render = 0, False, req.render
+        produced, ended = 0, False
         try:
             async for item in self.engine.stream(req):
                 produced = item.usage.completion_tokens
-                yield outgoing(item, render)
+                yield outgoing(item, req)
             ended = True
         finally:
             if not ended:  # work nobody will receive: what refusals and cut-offs cost the engine

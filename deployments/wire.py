@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.choices import chat_deltas
+
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -33,6 +35,7 @@ class GenerationRequest:
     max_tokens: int = field(kw_only=True)  # no default here: the ingress's is CompletionRequest.max_tokens_or_default
     trace_context: dict[str, str] = field(default_factory=dict)
     render: bool = False  # stream items carry their choices as JSON, ready to send (no output gate reads them)
+    chat: bool = False  # rendered choices take chat.completion.chunk's shape
 
     @property
     def prompt_tokens(self) -> int:
@@ -65,11 +68,14 @@ class StreamItem:
     rendered: bytes | None = None  # the choices as JSON, when the request asked for `render` (choices then empty)
 
 
-def outgoing(item: StreamItem, render: bool) -> tuple[list | bytes, int]:
+def outgoing(item: StreamItem, req: GenerationRequest) -> tuple[list | bytes, int]:
     """A stream item as it crosses the handle, once per engine step per stream: a plain tuple (pickled in about a
     microsecond, where the dataclass takes ten), with the choices already JSON when nothing on the ingress reads
     them, so the ingress only frames bytes. The prompt's tokens are not sent: the ingress counted them."""
-    return (dumps(item.choices) if render else item.choices), item.usage.completion_tokens
+    if not req.render:
+        return item.choices, item.usage.completion_tokens
+    choices = chat_deltas(item.choices, req.logprobs) if req.chat else item.choices
+    return dumps(choices), item.usage.completion_tokens
 
 
 def incoming(raw: tuple[list | bytes, int], prompt_tokens: int) -> StreamItem:

@@ -52,7 +52,7 @@ class _Method:
     def remote(self, *args):
         args = tuple(_wire(a) for a in args)
         call = getattr(self.engine, self.name)(*args)
-        return StreamResponse(call, args[0].render) if self.stream else UnaryResponse(call)
+        return StreamResponse(call, args[0]) if self.stream else UnaryResponse(call)
 
 
 class UnaryResponse:
@@ -76,9 +76,9 @@ async def _wire_result(task):
 class StreamResponse:
     """Items as the model server sends them (`wire.outgoing`)."""
 
-    def __init__(self, agen, render: bool):
+    def __init__(self, agen, req):
         self.agen = agen
-        self.render = render
+        self.req = req
         self.cancelled = False
 
     async def _fetch_future_result_async(self):
@@ -88,7 +88,7 @@ class StreamResponse:
         return self
 
     async def __anext__(self):
-        return _wire(outgoing(await self.agen.__anext__(), self.render))
+        return _wire(outgoing(await self.agen.__anext__(), self.req))
 
     def cancel(self):
         self.cancelled = True
@@ -131,6 +131,11 @@ class FakeBilling:
             raise ApiError(Code.INVALID_API_KEY, "Invalid API key")
         return self.keys[key]
 
+    async def credits(self, key: str):
+        from serve_app.money.admission import Credits
+
+        return Credits(await self.authenticate(key), 5_000_000, 100 * len(self.admitted) - 0)
+
     async def known(self, key: str, before_lookup=None) -> None:
         if before_lookup is not None:  # every key is "not seen recently" here
             before_lookup()
@@ -147,9 +152,10 @@ class FakeBilling:
         return admission
 
     async def settle(self, admission, usage: Usage, status: Status) -> int:
+        """Charges 1 micro-dollar per prompt token and 3 per completion token (the real rule is in money/lua.py)."""
         self.settled.append((admission.completion_id, usage, status))
         self.settled_event.set()
-        return 0
+        return usage.prompt_tokens + 3 * usage.completion_tokens if status.charged else 0
 
     async def one_settlement(self, timeout: float = 5) -> tuple[str, Usage, Status]:
         """The one settlement of the request: it came, and no second one follows it."""

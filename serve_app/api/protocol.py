@@ -6,7 +6,7 @@ Strict types (no "16" for 16, no 1 for true) as OpenAI's API does; unknown field
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
@@ -22,6 +22,8 @@ Prompt = StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | TokenIds 
     list[TokenIds], Field(min_length=1)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+M = TypeVar("M", bound=BaseModel)
+FIELD_NAMES: dict[type, set[str]] = {}  # a request model -> every field name its nested models use (chat's)
 
 
 class StreamOptions(BaseModel):
@@ -30,23 +32,18 @@ class StreamOptions(BaseModel):
     include_obfuscation: StrictBool | None = None
 
 
-class CompletionRequest(BaseModel):
-    """`POST /v1/completions`; the `vLLM extra sampling parameters` section is the seed's passthrough."""
+class SamplingFields(BaseModel):
+    """The sampling fields completions and chat share, with vLLM's extra sampling parameters (the seed's
+    passthrough): one definition, one mapping onto SamplingParams."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
     model: StrictStr
-    prompt: Prompt
-    suffix: StrictStr | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = DEFAULT_MAX_TOKENS
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Unit | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = 1
-    best_of: Annotated[StrictInt, Field(ge=1, le=20)] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
-    echo: StrictBool | None = False
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
@@ -67,35 +64,19 @@ class CompletionRequest(BaseModel):
     allowed_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)] | None = None
     bad_words: list[StrictStr] | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> CompletionRequest:
+    def _check_sampling(self, max_tokens: int | None) -> None:
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options can only be set when stream is true", "stream_options")
-        if self.best_of is not None and self.best_of < self.choices_per_prompt:
-            raise invalid("best_of must be greater than or equal to n", "best_of")
-        if self.stream and self.best_of is not None and self.best_of > self.choices_per_prompt:
-            raise invalid("best_of greater than n cannot be streamed", "best_of")
         if self.logit_bias:
             for key in self.logit_bias:
                 if not key.isdigit():
                     raise invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
-        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+        if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
             raise invalid("min_tokens must be less than or equal to max_tokens", "min_tokens")
-        return self
 
     @property
     def choices_per_prompt(self) -> int:
         return self.n or 1
-
-    @property
-    def candidates_per_prompt(self) -> int:
-        """Sequences generated per prompt: best_of when it asks for more than n."""
-        return max(self.best_of or 1, self.choices_per_prompt)
-
-    @property
-    def max_tokens_or_default(self) -> int:
-        """`max_tokens: null` means the default, as OpenAI's API does."""
-        return self.max_tokens if self.max_tokens is not None else DEFAULT_MAX_TOKENS
 
     @property
     def include_usage(self) -> bool:
@@ -113,25 +94,60 @@ class CompletionRequest(BaseModel):
         return out
 
 
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions`."""
+
+    prompt: Prompt
+    suffix: StrictStr | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = DEFAULT_MAX_TOKENS
+    best_of: Annotated[StrictInt, Field(ge=1, le=20)] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    echo: StrictBool | None = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompletionRequest:
+        self._check_sampling(self.max_tokens)
+        if self.best_of is not None and self.best_of < self.choices_per_prompt:
+            raise invalid("best_of must be greater than or equal to n", "best_of")
+        if self.stream and self.best_of is not None and self.best_of > self.choices_per_prompt:
+            raise invalid("best_of greater than n cannot be streamed", "best_of")
+        return self
+
+    @property
+    def candidates_per_prompt(self) -> int:
+        """Sequences generated per prompt: best_of when it asks for more than n."""
+        return max(self.best_of or 1, self.choices_per_prompt)
+
+    @property
+    def max_tokens_or_default(self) -> int:
+        """`max_tokens: null` means the default, as OpenAI's API does."""
+        return self.max_tokens if self.max_tokens is not None else DEFAULT_MAX_TOKENS
+
+
 def parse_completion_request(payload: Any) -> CompletionRequest:
+    return parse_request(CompletionRequest, payload)
+
+
+def parse_request(model: type[M], payload: Any) -> M:
+    """The body as `model`, or the contract's 400 naming the first field that is wrong."""
     if not isinstance(payload, dict):
         raise invalid("The request body must be a JSON object", None)
     try:
-        return CompletionRequest.model_validate(payload)
+        return model.model_validate(payload)
     except ApiError:
         raise
     except ValidationError as exc:
-        raise _from_validation(exc) from None
+        raise _from_validation(exc, model) from None
 
 
-def _from_validation(exc: ValidationError) -> ApiError:
+def _from_validation(exc: ValidationError, model: type[BaseModel]) -> ApiError:
     first = exc.errors(include_url=False)[0]
     nested = first.get("ctx", {}).get("error")
     if isinstance(nested, ApiError):
         return nested
     loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
     # Union members show up in `loc` as type names (for example `list[int]`); keep only the field path.
-    path = [p for p in loc if p in CompletionRequest.model_fields or p in StreamOptions.model_fields]
+    path = [p for p in loc if p in FIELD_NAMES.get(model, model.model_fields) or p in StreamOptions.model_fields]
     if first["type"] == "extra_forbidden" and loc:
         path.append(loc[-1])
     param = ".".join(path) if path else (loc[0] if loc else None)

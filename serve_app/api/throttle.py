@@ -1,6 +1,7 @@
-"""Repeated authentication failures from one client address are throttled before any other work: a client that
-guesses keys (or sends large bodies with bad ones) gets 429 `rate_limit_exceeded` without a Redis trip, once it has
-failed `limit` times within `window_s`. Per ingress replica, in memory, bounded: a best-effort brake, not a ban."""
+"""In-memory brakes per ingress replica, bounded, checked without a Redis trip: repeated authentication failures
+from one client address (a client that guesses keys, or sends large bodies with bad ones, gets 429
+`rate_limit_exceeded` once it has failed `limit` times within `window_s`), and the free tokenizer endpoints' calls
+per key. Best effort, not a ban: one ingress replica serves production (direct ingress), so it is the cluster's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from serve_app.api.errors import ApiError, Code
 MAX_ADDRESSES = 100_000  # tracked at once; the oldest is forgotten first
 
 
-class AuthFailures:
+class WindowCounter:
+    """At most `limit` events per subject within a fixed window that starts at the subject's first event."""
+
+    message = "Too many requests; retry in {left} s."
+
     def __init__(self, limit: int = 20, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.limit = limit
         self.window_s = window_s
@@ -29,10 +34,10 @@ class AuthFailures:
         if left <= 0:
             del self._seen[address]
             return
-        raise ApiError(Code.RATE_LIMIT_EXCEEDED, f"Too many requests with an invalid API key from this address; "
-                       f"retry in {left:.0f} s with a valid key.", headers={"Retry-After": str(max(1, round(left)))})
+        raise ApiError(Code.RATE_LIMIT_EXCEEDED, self.message.format(left=f"{left:.0f}"),
+                       headers={"Retry-After": str(max(1, round(left)))})
 
-    def failed(self, address: str | None) -> None:
+    def count(self, address: str | None) -> None:
         if not address:
             return
         now = self.clock()
@@ -43,6 +48,17 @@ class AuthFailures:
         self._seen[address] = entry  # most recent last
         if len(self._seen) > MAX_ADDRESSES:
             self._seen.popitem(last=False)
+
+
+class AuthFailures(WindowCounter):
+    message = "Too many requests with an invalid API key from this address; retry in {left} s with a valid key."
+
+    def failed(self, address: str | None) -> None:
+        self.count(address)
+
+
+class TokenizerCalls(WindowCounter):
+    message = "Too many tokenizer requests for this key; retry in {left} s."
 
 
 def client_address(scope) -> str | None:

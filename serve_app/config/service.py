@@ -213,6 +213,7 @@ class ServiceConfig(BaseModel):
     # An address with this many invalid keys within the window gets 429s until the window ends (api/throttle.py).
     auth_failure_limit: Annotated[int, Field(ge=1)] = 20
     auth_failure_window_s: Annotated[float, Field(gt=0)] = 10
+    tokenizer_rpm: Annotated[int, Field(ge=1)] = 600  # /tokenize and /detokenize calls per key per minute (free)
     default_rpm: Annotated[int, Field(ge=0)] = 0
     default_tpm: Annotated[int, Field(ge=0)] = 0
     default_concurrency: Annotated[int, Field(ge=0)] = 0  # requests in flight per key; 0: no cap (as rpm/tpm)

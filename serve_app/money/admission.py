@@ -113,6 +113,14 @@ if not k then return false end
 return k.account
 """)
 
+# `GET /v1/credits`: the key's account, its balance and what in-flight requests hold, read in one trip.
+CREDITS_LUA = lua.script(lua.ACTIVE_KEY, """
+local k = active_key(KEYS[1])
+if not k then return false end
+local a = redis.call('HMGET', '$account_prefix' .. k.account, 'balance', 'reserved')
+return {k.account, a[1] or '0', a[2] or '0'}
+""")
+
 INVALID_KEY = "Invalid API key: the key is unknown or has been revoked."
 
 
@@ -156,6 +164,7 @@ class Admitter:
         self.ttl_ms = int(reservation_ttl_s * 1000)
         self._script = redis.register_script(ADMIT_LUA)
         self._authenticate = redis.register_script(AUTHENTICATE_LUA)
+        self._credits = redis.register_script(CREDITS_LUA)
 
     async def admit(self, key_hash: str, completion_id: str, request_id: str, model: str, prices: PriceRates,
                     prompt_tokens: int, max_completion_tokens: int, safety_model: bool = False) -> Admission:
@@ -184,7 +193,8 @@ class Admitter:
             needed, available = (units.micros_to_usd(v) for v in res[1:3])
             raise ApiError(Code.INSUFFICIENT_FUNDS,
                            f"Insufficient funds: this request may cost up to ${needed} (prompt plus max_tokens "
-                           f"at the model's prices) and the account has ${available} available.")
+                           f"at the model's prices) and the account has ${available} available.",
+                           detail={"needed_usd": needed, "available_usd": available})
         raise rate_limit_error(res[1:])
 
     async def authenticate(self, key_hash: str) -> str:
@@ -196,6 +206,31 @@ class Admitter:
         if not account:
             raise ApiError(Code.INVALID_API_KEY, INVALID_KEY)
         return account
+
+    async def credits(self, key_hash: str) -> Credits:
+        try:
+            found = await self._credits(keys=[keyspace.key_record(key_hash)])
+        except Exception:
+            raise unreachable("") from None
+        if not found:
+            raise ApiError(Code.INVALID_API_KEY, INVALID_KEY)
+        account, balance, reserved = (v.decode() if isinstance(v, bytes) else str(v) for v in found)
+        return Credits(account, int(balance), int(reserved))
+
+
+@dataclass(frozen=True, slots=True)
+class Credits:
+    """An account's money as `GET /v1/credits` shows it: decimal strings, as the ledger keeps them."""
+
+    account: str
+    balance_micros: int
+    reserved_micros: int
+
+    def as_dict(self) -> dict[str, str]:
+        return {"object": "credits", "account": self.account,
+                "balance_usd": units.micros_to_usd(self.balance_micros),
+                "reserved_usd": units.micros_to_usd(self.reserved_micros),
+                "available_usd": units.micros_to_usd(self.balance_micros - self.reserved_micros)}
 
 
 def key_is_active(redis, key_hash: str) -> bool:

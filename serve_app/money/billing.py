@@ -7,15 +7,16 @@ import time
 from collections.abc import Callable
 
 from deployments.wire import Usage
+from serve_app.api.chat_protocol import ChatCompletionRequest
 from serve_app.api.protocol import CompletionRequest
 from serve_app.money import keys
-from serve_app.money.admission import Admission, Admitter, PriceRates
+from serve_app.money.admission import Admission, Admitter, Credits, PriceRates
 from serve_app.money.leases import Leases
 from serve_app.money.settlement import Settlement, Settler
 from serve_app.money.status import Status
 
 
-def completion_budget(req: CompletionRequest, prompts: int) -> int:
+def completion_budget(req: CompletionRequest | ChatCompletionRequest, prompts: int) -> int:
     """The worst case the reservation covers: every candidate of every prompt runs to max_tokens."""
     return req.max_tokens_or_default * req.candidates_per_prompt * prompts
 
@@ -39,6 +40,9 @@ class Billing:
 
     async def authenticate(self, key: str) -> str:
         return await self.admitter.authenticate(keys.key_hash(key))
+
+    async def credits(self, key: str) -> Credits:
+        return await self.admitter.credits(keys.key_hash(key))
 
     async def known(self, key: str, before_lookup: Callable[[], None] | None = None) -> None:
         """Before a request's body is read: a key seen recently passes at once; any other is authenticated (one

@@ -19,6 +19,12 @@ def usd_to_micros(value: str | Decimal) -> int:
     return int(micros)
 
 
+def micros_to_cost(micros: int) -> float:
+    """USD as a JSON number (`usage.cost`): the nearest double to micros / 10^6, whose shortest form, the one JSON
+    writes, is that decimal exactly (for any amount below 2^53 micro-dollars)."""
+    return int(micros) / 1_000_000
+
+
 def micros_to_usd(micros: int | str) -> str:
     """Exact decimal string, for example 12.500000."""
     return str((Decimal(int(micros)) / MICROS).quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP))

@@ -1,6 +1,8 @@
-"""The completions request path, read top to bottom in `CompletionPath.handle`: authenticate and validate, route,
-tokenize, admit (one Redis trip); the input guard runs beside generation; tokens stream (through the output gate);
-the request settles (one Redis trip). A plain object built from its collaborators, so it runs without Ray.
+"""The request path of `/v1/completions` and `/v1/chat/completions`, read top to bottom in `CompletionPath.handle`:
+authenticate and validate, route, tokenize, admit (one Redis trip); the input guard runs beside generation; tokens
+stream (through the output gate); the request settles (one Redis trip), and its cost is in the usage. A plain
+object built from its collaborators, so it runs without Ray; what differs between the two endpoints is in
+`endpoints.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from deployments.wire import GenerationRequest, InvalidSampling, StreamItem, Usa
 from serve_app.api.encoding import DONE, CompletionFrame, dumps, event
 from serve_app.api.errors import ApiError, Code, invalid, upstream
 from serve_app.api.http import JSON, error_response, read_json
-from serve_app.api.protocol import CompletionRequest, parse_completion_request
 from serve_app.api.throttle import AuthFailures, client_address
 from serve_app.config.service import Category, ModelSpec
 from serve_app.money import keys
@@ -31,7 +32,8 @@ from serve_app.money.billing import Billing
 from serve_app.money.status import Status
 from serve_app.safety.policy import GuardMode
 from serve_app.safety.stage import Gate, SafetyStage, Screening
-from serve_app.serving.prompts import Prompts, prompt_texts, tokenize_async
+from serve_app.money.units import micros_to_cost
+from serve_app.serving.endpoints import Completions
 from serve_app.serving.routing import ModelRoute, ModelRouter
 from serve_app.telemetry.metrics import IngressMetrics, RequestRecord, record_request
 from serve_app.telemetry.tracing import carrier_of, child, context_from, traced, tracer
@@ -79,7 +81,8 @@ class CompletionPath:
     def __init__(self, router: ModelRouter, billing: Billing, safety: SafetyStage, metrics: IngressMetrics, *,
                  max_body_bytes: int, first_item_timeout_s: float, max_request_s: float = 900,
                  body_read_s: float = 30, max_sequences: int = 256, clock: Callable[[], float] = time.time,
-                 auth_failures: AuthFailures | None = None):
+                 auth_failures: AuthFailures | None = None, endpoint=Completions):
+        self.endpoint = endpoint
         self.router = router
         self.billing = billing
         self.safety = safety
@@ -120,7 +123,8 @@ class CompletionPath:
                 await response.body_iterator.aclose()  # settles a stream cut off while it waited on the client
 
     async def handle(self, request: Request, bound: asyncio.Timeout | None = None) -> Response:
-        completion_id = "cmpl-" + uuid.uuid4().hex
+        endpoint = self.endpoint
+        completion_id = endpoint.id_prefix + uuid.uuid4().hex
         request_id = request.headers.get("x-request-id", completion_id)[:128]
         record = RequestRecord(request_id, completion_id, "unknown")
         root = tracer().start_span("qbt.completion", context=context_from(request.headers),
@@ -131,10 +135,10 @@ class CompletionPath:
             # An unknown key is refused before its body is read; an address that keeps sending unknown keys is
             # refused before even the lookup (a key seen recently passes: customers behind the same address).
             await self.billing.known(key, lambda: self.auth_failures.check(address))
-            req = parse_completion_request(await self._body(request))
-            route = self.router.route(req.model)
+            req = endpoint.parse(await self._body(request))
+            route = self.router.route(req.model, chat=endpoint.chat)
             record.model, record.stream = route.spec.id, bool(req.stream)
-            prompts = await tokenize_async(req, route.spec, route.tokenizer)
+            prompts = await endpoint.prompts(req, route)
             if len(prompts.ids) * req.candidates_per_prompt > self.max_sequences:
                 raise invalid(f"This request asks for {len(prompts.ids) * req.candidates_per_prompt} sequences "
                               f"(prompts x max(n, best_of)); at most {self.max_sequences} are allowed.", "n")
@@ -150,14 +154,13 @@ class CompletionPath:
             return error_response(exc)
         record.account, record.key_id = admission.account, admission.key_id
         policy = self.safety.policy(admission.guard, moderated=route.spec.category is not Category.SAFETY)
-        texts = prompt_texts(prompts, route.tokenizer) if policy.mode is not GuardMode.OFF else []
-        gen = generation_request(completion_id, req, prompts)
+        texts = endpoint.guard_texts(req, prompts, route.tokenizer) if policy.mode is not GuardMode.OFF else []
+        gen = endpoint.generation(completion_id, req, prompts)
         gen.render = not policy.mode.checks_output  # no output gate reads the choices: the replica renders them
-        call = Call(route, gen,
-                    CompletionFrame(completion_id, int(self.clock()), route.spec.id, req.include_usage), admission,
+        call = Call(route, gen, endpoint.frame(completion_id, int(self.clock()), route.spec.id, req), admission,
                     self.safety.screen(policy, texts, req.choices_per_prompt, root, completion_id),
                     admission.limits.headers(), record, root, bound)
-        if (unjudged := self.safety.unjudged(policy, req.logprobs)) is not None:
+        if (unjudged := self.safety.unjudged(policy, endpoint.logprobs(req))) is not None:
             return await self._refuse(call, Outcome(Usage(prompt_tokens=call.gen.prompt_tokens)), unjudged)
         if req.stream:
             return await self._stream(call)
@@ -193,9 +196,9 @@ class CompletionPath:
                 if response is not None:
                     response.cancel()
                 self._disconnected(call, outcome)
-        await self._settle(call, outcome)
-        return Response(dumps(call.frame.obj(choices, outcome.usage.as_dict())), headers=call.headers(),
-                        media_type=JSON)
+        charged = await self._settle(call, outcome)
+        return Response(dumps(call.frame.obj(choices, usage_with_cost(outcome.usage, charged))),
+                        headers=call.headers(), media_type=JSON)
 
     async def _refuse(self, call: Call, outcome: Outcome, error: ApiError) -> Response:
         call.screening.cancel()
@@ -261,6 +264,8 @@ class CompletionPath:
         received.delivered = Usage(prompt_tokens=prompt_tokens)
         error = None
         try:
+            if (opening := frame.opening()) is not None:
+                yield opening
             item = first
             while item is not None:
                 outcome.usage = item.usage
@@ -287,25 +292,27 @@ class CompletionPath:
                 stream.cancel()
             if outcome.status is None:
                 self._disconnected(call, outcome)
-        await self._settle(call, outcome)
+        charged = await self._settle(call, outcome)
         if error is not None:
             yield event(error.envelope())
         elif frame.include_usage:
-            yield frame.usage_chunk(outcome.usage.as_dict())
+            yield frame.usage_chunk(usage_with_cost(outcome.usage, charged))
         yield DONE
 
-    async def _settle(self, call: Call, outcome: Outcome) -> None:
+    async def _settle(self, call: Call, outcome: Outcome) -> int | None:
         """Settles in a task of its own: cancelling the request (the client gone mid-settlement) cannot stop it.
         The response waits for it a few seconds at most; during a Redis outage it goes on retrying after the
         response has gone (and `drain` waits for it when the ingress stops). The ending is decided: from here the
-        request bound only limits the sends left, so it cannot turn a settled request into an error."""
+        request bound only limits the sends left, so it cannot turn a settled request into an error. Returns the
+        micro-dollars charged, as the ledger row has them (None while the settlement is still retrying)."""
         if call.bound is not None and not call.bound.expired():
             with contextlib.suppress(RuntimeError):  # the bound's scope already ended (a finalized stream)
                 call.bound.reschedule(max(call.bound.when() or 0, asyncio.get_running_loop().time() + ENDING_S))
         try:
-            await asyncio.wait_for(asyncio.shield(self._settlement(call, outcome)), SETTLE_WAIT_S)
+            return await asyncio.wait_for(asyncio.shield(self._settlement(call, outcome)), SETTLE_WAIT_S)
         except TimeoutError:
             log.warning("settlement of %s still retrying; answering without waiting", call.admission.completion_id)
+            return None
 
     async def drain(self, timeout_s: float) -> int:
         """Waits for the settlements still running (the ingress is stopping); returns how many did not finish."""
@@ -320,7 +327,7 @@ class CompletionPath:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _settle_now(self, call: Call, outcome: Outcome) -> None:
+    async def _settle_now(self, call: Call, outcome: Outcome) -> int | None:
         usage = outcome.usage
         if call.gen_span is not None:
             call.gen_span.set_attribute("qbt.completion_tokens", usage.completion_tokens)
@@ -331,6 +338,7 @@ class CompletionPath:
         call.span.end()
         record_request(self.metrics, call.record, outcome.status.value, outcome.status.code, usage.prompt_tokens,
                        usage.completion_tokens, charged)
+        return charged
 
     def _disconnected(self, call: Call, outcome: Outcome) -> None:
         """The client went away (or the request ran out of time): settles what was produced, outside the cancelled
@@ -361,11 +369,13 @@ async def _item(stream, prompt_tokens: int, default=_END) -> StreamItem | None:
     return default if raw is _END else incoming(raw, prompt_tokens)
 
 
-def generation_request(completion_id: str, req: CompletionRequest, prompts: Prompts) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=completion_id, prompts=prompts.ids, prompt_texts=prompts.texts, sampling=req.sampling(),
-        n=req.choices_per_prompt, best_of=req.best_of, logprobs=req.logprobs, echo=bool(req.echo),
-        max_tokens=req.max_tokens_or_default)
+def usage_with_cost(usage: Usage, charged: int | None) -> dict:
+    """The usage object, with `cost`: USD, exact to the micro-dollar, the ledger row's amount (left out only while
+    a settlement is still retrying, when it is not known yet)."""
+    out: dict[str, Any] = usage.as_dict()
+    if charged is not None:
+        out["cost"] = micros_to_cost(charged)
+    return out
 
 
 def classify(exc: BaseException, spec: ModelSpec) -> ApiError:

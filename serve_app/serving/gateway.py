@@ -17,7 +17,7 @@ from starlette.routing import Route
 from serve_app.api.encoding import dumps
 from serve_app.api.errors import ApiError, Code
 from serve_app.api.http import EXCEPTION_HANDLERS, JSON, error_response
-from serve_app.api.throttle import AuthFailures, client_address
+from serve_app.api.throttle import AuthFailures, TokenizerCalls, client_address
 from serve_app.config.service import ServiceConfig
 from serve_app.money import keys, keyspace
 from serve_app.money.billing import Billing
@@ -25,6 +25,8 @@ from serve_app.safety.moderator import Moderator
 from serve_app.safety.policy import GuardPolicy
 from serve_app.safety.stage import SafetyStage
 from serve_app.serving.completions import CompletionPath
+from serve_app.serving.endpoints import Chat, Completions
+from serve_app.serving.tokenizing import TokenizerRoutes
 from serve_app.serving.routing import ModelRouter
 from serve_app.telemetry.metrics import IngressMetrics
 
@@ -39,11 +41,16 @@ class Gateway:
         self.billing = billing
         self.ping = ping
         self.auth_failures = AuthFailures(config.auth_failure_limit, config.auth_failure_window_s)
-        self.completions = CompletionPath(router, billing, safety, metrics, max_body_bytes=config.max_body_bytes,
-                                          first_item_timeout_s=config.first_item_timeout_s,
-                                          max_request_s=config.max_request_s, body_read_s=config.body_read_s,
-                                          max_sequences=config.max_sequences, clock=clock,
-                                          auth_failures=self.auth_failures)
+
+        def path(endpoint) -> CompletionPath:
+            return CompletionPath(router, billing, safety, metrics, max_body_bytes=config.max_body_bytes,
+                                  first_item_timeout_s=config.first_item_timeout_s, max_request_s=config.max_request_s,
+                                  body_read_s=config.body_read_s, max_sequences=config.max_sequences, clock=clock,
+                                  auth_failures=self.auth_failures, endpoint=endpoint)
+
+        self.completions, self.chat = path(Completions), path(Chat)
+        self.tokenizer = TokenizerRoutes(router, billing, self.auth_failures,
+                                         TokenizerCalls(config.tokenizer_rpm, 60), config.max_body_bytes)
         self._created = int(clock())
 
     @classmethod
@@ -65,11 +72,34 @@ class Gateway:
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
+                                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                                  Route("/v1/models", self.models, methods=["GET"]),
+                                 Route("/v1/credits", self.credits, methods=["GET"]),
+                                 Route("/tokenize", self.tokenizer.tokenize, methods=["POST"]),
+                                 Route("/detokenize", self.tokenizer.detokenize, methods=["POST"]),
                                  Route("/health", self.health, methods=["GET"])],
                          exception_handlers=EXCEPTION_HANDLERS)
 
     async def models(self, request: Request) -> Response:
+        if (refused := await self._authenticated(request)) is not None:
+            return refused
+        data = [{"id": r.spec.id, "object": "model", "created": self._created, "owned_by": "qubittron",
+                 "category": r.spec.category.value, "max_model_len": r.spec.max_model_len, "endpoints": r.endpoints}
+                for r in self.router.routes.values() if r.endpoints]
+        return Response(dumps({"object": "list", "data": data}), media_type=JSON)
+
+    async def credits(self, request: Request) -> Response:
+        """The key's account: balance, what in-flight requests hold, and what is available (decimal strings)."""
+        if (refused := await self._authenticated(request)) is not None:
+            return refused
+        try:
+            found = await self.billing.credits(keys.bearer_key(request.headers.get("authorization")))
+        except ApiError as exc:
+            return error_response(exc)
+        return Response(dumps(found.as_dict()), media_type=JSON)
+
+    async def _authenticated(self, request: Request) -> Response | None:
+        """None for a valid key; otherwise the error response (an address that keeps failing is throttled)."""
         address = client_address(request.scope)
         try:
             self.auth_failures.check(address)
@@ -78,10 +108,7 @@ class Gateway:
             if exc.code is Code.INVALID_API_KEY:
                 self.auth_failures.failed(address)
             return error_response(exc)
-        data = [{"id": r.spec.id, "object": "model", "created": self._created, "owned_by": "qubittron",
-                 "category": r.spec.category.value, "max_model_len": r.spec.max_model_len}
-                for r in self.router.routes.values() if r.spec.completions]
-        return Response(dumps({"object": "list", "data": data}), media_type=JSON)
+        return None
 
     async def health(self, request: Request) -> Response:
         """200 only when every model deployment answers its engine health check and Redis answers. Models that

@@ -40,7 +40,12 @@ async def tokenize_async(req: CompletionRequest, spec: ModelSpec, tokenizer) -> 
     would stall them all). Short ones stay on the loop, where a thread hop would cost more than they do."""
     if prompt_size(req) < OFF_LOOP_CHARS:
         return tokenize(req, spec, tokenizer)
-    return await asyncio.get_running_loop().run_in_executor(_worker, tokenize, req, spec, tokenizer)
+    return await run_off_loop(tokenize, req, spec, tokenizer)
+
+
+async def run_off_loop(fn, *args):
+    """`fn(*args)` in the one tokenizing thread."""
+    return await asyncio.get_running_loop().run_in_executor(_worker, fn, *args)
 
 
 def prompt_size(req: CompletionRequest) -> int:
@@ -72,7 +77,7 @@ def tokenize(req: CompletionRequest, spec: ModelSpec, tokenizer) -> Prompts:
         if not tokens:
             raise invalid("The prompt is empty after tokenization", "prompt")
         ids.append(tokens)
-    _check_context(ids, req.max_tokens_or_default, spec.max_model_len)
+    check_context(ids, req.max_tokens_or_default, spec.max_model_len)
     return Prompts(ids, texts)
 
 
@@ -84,7 +89,7 @@ def prompt_texts(prompts: Prompts, tokenizer) -> list[str]:
             for t, ids in zip(prompts.texts, prompts.ids)]
 
 
-def _check_context(ids: list[list[int]], max_tokens: int, limit: int) -> None:
+def check_context(ids: list[list[int]], max_tokens: int, limit: int) -> None:
     longest = max(len(p) for p in ids)
     if longest >= limit:
         raise invalid(f"This model's maximum context length is {limit} tokens, however your prompt has "
@@ -93,3 +98,12 @@ def _check_context(ids: list[list[int]], max_tokens: int, limit: int) -> None:
         raise invalid(f"This model's maximum context length is {limit} tokens, however you requested "
                       f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the "
                       f"completion). Please reduce your prompt or max_tokens.", "max_tokens")
+
+
+def chat_text(tokenizer, messages, model_id: str, add_generation_prompt: bool = True) -> str:
+    """Chat messages rendered with the model's chat template (developer turns are system turns to templates)."""
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as exc:  # a template's own checks (roles out of order, for one) raise from Jinja
+        raise invalid(f"The model '{model_id}' cannot take these messages: {str(exc)[:300]}", "messages") from None

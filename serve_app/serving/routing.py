@@ -28,6 +28,15 @@ class ModelRoute:
     tokenizer: Any
     wait_s: float
 
+    @property
+    def chat(self) -> bool:
+        """Chat completions need the model's chat template, from its tokenizer's configuration."""
+        return getattr(self.tokenizer, "chat_template", None) is not None
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [e for e, served in (("completions", self.spec.completions), ("chat.completions", self.chat)) if served]
+
     async def assigned(self, response) -> None:
         """Waits until Serve hands the request to a replica. Serve's handle queues a request for as long as no
         replica can take it (all dead, or a node lost, or scaled to zero); bounded here, so that such a model
@@ -73,7 +82,7 @@ class ModelRouter:
                 wait_s=scale_from_zero_wait_s if spec.scales_from_zero else replica_wait_s,
             )
 
-    def route(self, model: str) -> ModelRoute:
+    def route(self, model: str, chat: bool = False) -> ModelRoute:
         route = self.routes.get(model)
         if route is None and model in self.catalog_models:
             raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' is in the catalog but not deployed on this "
@@ -81,7 +90,10 @@ class ModelRouter:
         if route is None:
             raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' does not exist or is not served here; "
                            f"GET /v1/models lists the served models.", "model")
-        if not route.spec.completions:
+        if chat and not route.chat:
+            raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' does not support chat completions (its "
+                           "tokenizer has no chat template).", "model")
+        if not chat and not route.spec.completions:
             raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' does not support completions.", "model")
         return route
 

@@ -24,8 +24,19 @@ def test_wire_types_round_trip_through_plain_pickle():
 def test_stream_items_cross_as_plain_tuples_rendered_or_not():
     choices = [{"text": " é", "index": 0, "logprobs": None, "finish_reason": "length"}]
     item = StreamItem(choices, Usage(3, 5))
-    raw = pickle.loads(pickle.dumps(outgoing(item, render=False)))
+    req = GenerationRequest(request_id="r", prompts=[[1, 2, 3]], prompt_texts=[None], sampling={}, max_tokens=5)
+    raw = pickle.loads(pickle.dumps(outgoing(item, req)))
     assert type(raw) is tuple and incoming(raw, 3) == item
-    back = incoming(pickle.loads(pickle.dumps(outgoing(item, render=True))), 3)
+    req.render = True
+    back = incoming(pickle.loads(pickle.dumps(outgoing(item, req))), 3)
     assert back.choices == [] and back.usage == Usage(3, 5)
     assert json.loads(back.rendered) == choices and " é".encode() in back.rendered  # UTF-8, as the ingress sends
+
+
+def test_chat_streams_are_rendered_as_chat_deltas():
+    req = GenerationRequest(request_id="r", prompts=[[1]], prompt_texts=[None], sampling={}, max_tokens=5,
+                            render=True, chat=True)
+    item = StreamItem([{"text": " hi", "index": 1, "logprobs": None, "finish_reason": "stop"}], Usage(1, 1))
+    back = incoming(outgoing(item, req), 1)
+    assert json.loads(back.rendered) == [{"index": 1, "delta": {"content": " hi"}, "logprobs": None,
+                                          "finish_reason": "stop"}]

@@ -33,7 +33,8 @@ async def test_a_completion_is_served_and_settled_for_what_it_produced(harness):
     out = json.loads(res.body)
     assert out["object"] == "text_completion" and out["model"] == LLM and out["created"] == 1_700_000_000
     assert out["choices"] == [{"text": " Ottawa.", "index": 0, "logprobs": None, "finish_reason": "length"}]
-    assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 8, "total_tokens": len(PROMPT) + 8}
+    assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 8, "total_tokens": len(PROMPT) + 8,
+                            "cost": (len(PROMPT) + 3 * 8) / 1e6}  # what the settlement charged
     completion_id, usage, status = await harness.billing.one_settlement()
     assert completion_id == out["id"] and status is Status.OK
     assert (usage.prompt_tokens, usage.completion_tokens) == (len(PROMPT), 8)

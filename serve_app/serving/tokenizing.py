@@ -1,0 +1,72 @@
+"""`POST /tokenize` and `POST /detokenize`: the model's own tokenizer (the one the ingress meters with), for a key,
+free of charge, limited per key (`tokenizer_rpm`). Chat messages are rendered with the template chat completions
+use, so a count here is the prompt_tokens a chat request will be billed."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serve_app.api.encoding import dumps
+from serve_app.api.errors import ApiError, Code, invalid
+from serve_app.api.http import JSON, error_response, read_json
+from serve_app.api.throttle import AuthFailures, TokenizerCalls, client_address
+from serve_app.api.tokenizer_protocol import parse_detokenize, parse_tokenize
+from serve_app.money import keys
+from serve_app.money.billing import Billing
+from serve_app.serving.prompts import chat_text, run_off_loop
+from serve_app.serving.routing import ModelRouter
+
+
+class TokenizerRoutes:
+    def __init__(self, router: ModelRouter, billing: Billing, auth_failures: AuthFailures, calls: TokenizerCalls,
+                 max_body_bytes: int):
+        self.router = router
+        self.billing = billing
+        self.auth_failures = auth_failures
+        self.calls = calls
+        self.max_body_bytes = max_body_bytes
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._answer(request, self._tokenize)
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._answer(request, self._detokenize)
+
+    async def _answer(self, request: Request, work) -> Response:
+        address = client_address(request.scope)
+        try:
+            key = keys.bearer_key(request.headers.get("authorization"))
+            self.auth_failures.check(address)
+            await self.billing.authenticate(key)
+            digest = keys.key_hash(key)
+            self.calls.check(digest)
+            self.calls.count(digest)
+            body = await read_json(request, self.max_body_bytes)
+            return Response(dumps(await run_off_loop(work, body)), media_type=JSON)
+        except ApiError as exc:
+            if exc.code is Code.INVALID_API_KEY:
+                self.auth_failures.failed(address)
+            return error_response(exc)
+
+    def _tokenize(self, body) -> dict:
+        req = parse_tokenize(body)
+        route = self.router.route(req.model, chat=req.messages is not None)
+        tok = route.tokenizer
+        if req.messages is not None:
+            text = chat_text(tok, req.messages, route.spec.id, req.add_generation_prompt)
+            ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        else:
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = tok.encode(req.prompt, add_special_tokens=add)
+        return {"count": len(ids), "max_model_len": route.spec.max_model_len, "tokens": ids,
+                "token_strs": tok.convert_ids_to_tokens(ids) if req.return_token_strs else None}
+
+    def _detokenize(self, body) -> dict:
+        req = parse_detokenize(body)
+        route = self.router.route(req.model)
+        vocab = len(route.tokenizer)
+        bad = next((t for t in req.tokens if t >= vocab), None)
+        if bad is not None:
+            raise invalid(f"Token id {bad} is outside the model's vocabulary (size {vocab})", "tokens")
+        return {"prompt": route.tokenizer.decode(req.tokens)}
