@@ -74,7 +74,10 @@ class Call:
         self.gen.trace_context = carrier_of(self.gen_span)
 
     def headers(self) -> dict[str, str]:
-        return {**self.limit_headers, **self.screening.headers}
+        """The rate-limit and guard headers, and OpenAI's `openai-processing-ms`: the time until the response
+        started (for a stream, until its first item was in)."""
+        elapsed = int((time.monotonic() - self.record.started) * 1000)
+        return {**self.limit_headers, **self.screening.headers, "openai-processing-ms": str(elapsed)}
 
 
 class CompletionPath:
