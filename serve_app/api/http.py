@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from serve_app.api.errors import ApiError, Code, invalid, upstream
@@ -22,14 +23,32 @@ async def read_json(request: Request, limit: int):
     if declared and declared.isdigit() and int(declared) > limit:
         raise invalid(f"The request body is larger than {limit} bytes", None)
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise invalid(f"The request body is larger than {limit} bytes", None)
     try:
-        return json.loads(body)
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise invalid(f"The request body is larger than {limit} bytes", None)
+    except ClientDisconnect:  # the client left (or its framing broke) mid-body: nobody is there to answer
+        raise invalid("The client disconnected before the request body arrived", None) from None
+    try:
+        payload = json.loads(body.decode("utf-8"))  # strict: encoded surrogates are not UTF-8
     except (ValueError, RecursionError):
-        raise invalid("The request body is not valid JSON", None) from None
+        raise invalid("The request body is not valid JSON (UTF-8)", None) from None
+    if SURROGATE_ESCAPE.search(body) and not _encodable(payload):
+        raise invalid("The request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)", None)
+    return payload
+
+
+# A JSON escape of a UTF-16 surrogate: pairs are valid (clients escape emoji so), a lone one is no character.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _encodable(payload) -> bool:
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def error_response(exc: ApiError, headers: dict | None = None) -> Response:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.config.paths import model_path
+from serve_app.ops import chat
 from serve_app.safety import templates
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
@@ -37,6 +38,8 @@ class DevModelRecipe:
         h.update((CORPUS_DIR / self.corpus).read_bytes())
         if self.kind == "guard":
             h.update((templates.PROMPT_TEMPLATE + templates.RESPONSE_TEMPLATE).encode())
+        else:
+            h.update(chat.CHAT_TEMPLATE.encode())
         return h.hexdigest()[:16]
 
 
