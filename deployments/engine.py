@@ -33,7 +33,12 @@ class Engine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(model=self.model_path, served_model_name=[self.model_id], **self.engine_args)
+        kwargs = dict(self.engine_args)
+        if isinstance(kwargs.get("structured_outputs_config"), dict):  # as the catalog writes it (YAML)
+            from vllm.config import StructuredOutputsConfig
+
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(**kwargs["structured_outputs_config"])
+        args = AsyncEngineArgs(model=self.model_path, served_model_name=[self.model_id], **kwargs)
         self.llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER,
                                              stat_loggers=self.stat_loggers or None)
         self._tokenizer = self.llm.get_tokenizer()

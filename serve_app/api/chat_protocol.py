@@ -117,6 +117,7 @@ class ChatCompletionRequest(SamplingFields):
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
         rf = self.response_format
+        # Compact JSON by default (`ModelSpec.engine_kwargs`: vLLM reads that per engine).
         if rf is not None and rf.type == "json_object":
             out["structured_outputs"] = {"json_object": True}
         elif rf is not None and rf.type == "json_schema":

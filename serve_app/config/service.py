@@ -94,6 +94,7 @@ class Architecture(BaseModel):
 
 
 DRAIN_MARGIN_S = 30
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}  # vLLM allows the flag per backend
 
 
 class ModelSpec(BaseModel):
@@ -171,7 +172,11 @@ class ModelSpec(BaseModel):
         return self.source
 
     def engine_kwargs(self) -> dict[str, Any]:
-        return {"max_model_len": self.max_model_len, **self.engine_args}
+        """`engine_args` over the defaults. Structured output (chat's `response_format`) is compact JSON by
+        default: with free whitespace a model may pad until max_tokens, each padding token billed (vLLM reads this
+        per engine, not per request)."""
+        return {"max_model_len": self.max_model_len, "structured_outputs_config": STRUCTURED_OUTPUTS,
+                **self.engine_args}
 
     def deployment_name(self) -> str:
         return "model-" + self.id.replace(".", "_")
