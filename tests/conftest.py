@@ -1,7 +1,8 @@
 """The test tiers and what they share. Tiers run fast first, in this order whatever the file names: `unit` (no Ray,
 no vLLM, no servers; the request path on fakes and the simulated engine), `redis` (the money scripts against a real
-redis-server), `e2e` (`qbt serve`: Ray Serve, vLLM on the dev models, the official clients), `cluster` (two Ray
-nodes), `faults` (faults injected under load on the simulated models, then the money invariants). Within a tier,
+redis-server), `e2e` (`qbt serve`: Ray Serve, vLLM on the dev models, the official clients), `hostile` (hostile
+clients against `qbt serve` on the simulated models), `cluster` (two Ray nodes), `faults` (faults injected under
+load on the simulated models, then the money invariants). Within a tier,
 tests marked `disruptive` (they kill parts of the shared stack) run last."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 from tests.support import RedisServer, free_port, stop_running_stacks
 
-TIERS = ("unit", "redis", "e2e", "cluster", "faults")
+TIERS = ("unit", "redis", "e2e", "hostile", "cluster", "faults")
 
 
 def tier_of(item) -> str:
@@ -30,7 +31,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_runtest_setup(item):
-    if tier_of(item) in ("cluster", "faults"):
+    if tier_of(item) in ("hostile", "cluster", "faults"):
         stop_running_stacks()
 
 
