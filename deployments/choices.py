@@ -79,7 +79,18 @@ def merge_fragments(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
         into["text"] += fragment["text"]
         into["logprobs"] = merge_logprobs(into["logprobs"], fragment["logprobs"])
         into["finish_reason"] = fragment["finish_reason"] or into["finish_reason"]
+        if "token_ids" in fragment:
+            into["token_ids"] = into.get("token_ids", []) + fragment["token_ids"]
     return [merged[i] for i in sorted(merged)]
+
+
+def with_token_ids(fragment: dict[str, Any], first: bool, prompt_ids: Sequence[int], ids: Sequence[int]
+                   ) -> dict[str, Any]:
+    """`return_token_ids`: the ids of this fragment, and the prompt's on a choice's first fragment (vLLM's)."""
+    fragment["token_ids"] = list(ids)
+    if first:
+        fragment["prompt_token_ids"] = list(prompt_ids)
+    return fragment
 
 
 def echo_text(prompt_text: str | None, prompt_ids: Sequence[int], tokenizer) -> str:
@@ -118,13 +129,20 @@ def chat_logprobs(block: dict | None, top: int) -> dict | None:
 
 def chat_deltas(choices: list[dict], top: int | None) -> list[dict]:
     """Completion choice fragments as chat.completion.chunk choices (the role went in the stream's first chunk)."""
-    return [{"index": c["index"], "delta": {"content": c["text"]} if c["text"] else {},
-             "logprobs": chat_logprobs(c["logprobs"], top or 0), "finish_reason": c["finish_reason"]}
+    return [_ids({"index": c["index"], "delta": {"content": c["text"]} if c["text"] else {},
+                  "logprobs": chat_logprobs(c["logprobs"], top or 0), "finish_reason": c["finish_reason"]}, c)
             for c in choices]
 
 
 def chat_messages(choices: list[dict], top: int | None) -> list[dict]:
     """Whole completion choices as chat.completion choices."""
-    return [{"index": c["index"], "message": {"role": "assistant", "content": c["text"], "refusal": None},
-             "logprobs": chat_logprobs(c["logprobs"], top or 0), "finish_reason": c["finish_reason"]}
+    return [_ids({"index": c["index"], "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                  "logprobs": chat_logprobs(c["logprobs"], top or 0), "finish_reason": c["finish_reason"]}, c)
             for c in choices]
+
+
+def _ids(out: dict, choice: dict) -> dict:
+    for key in ("token_ids", "prompt_token_ids"):
+        if key in choice:
+            out[key] = choice[key]
+    return out

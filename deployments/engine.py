@@ -13,7 +13,7 @@ from contextlib import aclosing
 from typing import Any
 
 from deployments.choices import (ChoiceCursor, echo_text, finish_reason, logprobs_block, mean_logprob, merge_fragments,
-                                 merge_logprobs)
+                                 merge_logprobs, with_token_ids)
 from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
 
 log = logging.getLogger("qbt.engine")
@@ -97,13 +97,16 @@ class Engine:
             if req.logprobs is not None and prompt_logprobs is not None:
                 logprobs = logprobs_block(cursor, req.prompts[prompt_idx], prompt_logprobs, req.logprobs,
                                           self._decode)
+        first = not cursor.started
         cursor.started = True
         if req.logprobs is not None:
             block = logprobs_block(cursor, token_ids, (out.logprobs or [])[: len(token_ids)], req.logprobs,
                                    self._decode)
             logprobs = merge_logprobs(logprobs, block)
-        return {"text": text, "index": cursor.index, "logprobs": logprobs,
-                "finish_reason": finish_reason(out.finish_reason) if out.finish_reason or scoring else None}
+        fragment = {"text": text, "index": cursor.index, "logprobs": logprobs,
+                    "finish_reason": finish_reason(out.finish_reason) if out.finish_reason or scoring else None}
+        return with_token_ids(fragment, first, req.prompts[prompt_idx], token_ids) if req.return_token_ids \
+            else fragment
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
         """Yields what the engine produced since the last yield; nothing waits on a timer."""
@@ -123,7 +126,8 @@ class Engine:
         greedy = self._greedy(req)
         try:
             async with aclosing(self.llm.generate({"prompt_token_ids": req.prompts[prompt_idx]}, params,
-                                                  f"{req.request_id}-{prompt_idx}")) as results:
+                                                  f"{req.request_id}-{prompt_idx}",
+                                                  priority=req.priority)) as results:
                 async for res in results:
                     yield [(cursor, out, prompt_idx, res.prompt_logprobs) for out in res.outputs
                            for cursor in (cursors if greedy else (cursors[out.index],))]
@@ -192,7 +196,7 @@ class Engine:
         final = None
         try:
             async for res in self.llm.generate({"prompt_token_ids": req.prompts[prompt_idx]}, params,
-                                               f"{req.request_id}-{prompt_idx}"):
+                                               f"{req.request_id}-{prompt_idx}", priority=req.priority):
                 final = res
         except (asyncio.CancelledError, InvalidSampling):
             raise

@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.choices import ChoiceCursor, echo_text, logprobs_block, merge_fragments, merge_logprobs
+from deployments.choices import (ChoiceCursor, echo_text, logprobs_block, merge_fragments, merge_logprobs,
+                                 with_token_ids)
 from deployments.sim_tokenizer import sim_tokenizer
 from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
 
@@ -268,12 +269,14 @@ class SimEngine:
                 prompt = req.prompts[prompt_idx]
                 positions = [None] + [{t: _Logprob(SIM_LOGPROB, 1, None)} for t in prompt[1:]]
                 logprobs = logprobs_block(cursor, prompt, positions, req.logprobs, self._decode)
-        cursor.started = True
         if req.logprobs is not None:
             positions = [{t: _Logprob(SIM_LOGPROB, 1, p)} for t, p in zip(ids, pieces)]
             logprobs = merge_logprobs(logprobs, logprobs_block(cursor, ids, positions, req.logprobs, self._decode))
-        return {"text": text, "index": cursor.index, "logprobs": logprobs,
-                "finish_reason": script.finish if stop >= script.length else None}
+        first = not cursor.started
+        cursor.started = True
+        out = {"text": text, "index": cursor.index, "logprobs": logprobs,
+               "finish_reason": script.finish if stop >= script.length else None}
+        return with_token_ids(out, first, req.prompts[prompt_idx], ids) if req.return_token_ids else out
 
     def _decode(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])

@@ -36,6 +36,8 @@ class GenerationRequest:
     trace_context: dict[str, str] = field(default_factory=dict)
     render: bool = False  # stream items carry their choices as JSON, ready to send (no output gate reads them)
     chat: bool = False  # rendered choices take chat.completion.chunk's shape
+    return_token_ids: bool = False  # choices carry `token_ids` (the first fragment also `prompt_token_ids`)
+    priority: int = 0  # for engines that schedule by priority (lower runs first)
 
     @property
     def prompt_tokens(self) -> int:

@@ -85,6 +85,8 @@ class ChatCompletionRequest(SamplingFields):
         if not any(m.role in ("user", "system", "developer") for m in self.messages):
             raise invalid("messages must contain at least one user, system or developer message", "messages")
         rf = self.response_format
+        if rf is not None and rf.type != "text" and self.structured_outputs is not None:
+            raise invalid("Set either response_format or structured_outputs, not both", "structured_outputs")
         if rf is not None and rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
             raise invalid("response_format of type json_schema needs json_schema.schema", "response_format")
         return self

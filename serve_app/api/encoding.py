@@ -14,8 +14,10 @@ class CompletionFrame:
 
     OBJECT = CHUNK = "text_completion"
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool,
+                 continuous_usage: bool = False):
         self.completion_id = completion_id
+        self.continuous_usage = continuous_usage  # vLLM's continuous_usage_stats: every chunk has the usage so far
         self.created = created
         self.model = model
         self.include_usage = include_usage
@@ -37,11 +39,13 @@ class CompletionFrame:
     def opening(self) -> bytes | None:
         return None
 
-    def chunk(self, choices: list[dict]) -> bytes:
-        return self._head + dumps(choices) + self._tail
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        return self.rendered_chunk(dumps(choices), usage)
 
-    def rendered_chunk(self, choices_json: bytes) -> bytes:
+    def rendered_chunk(self, choices_json: bytes, usage: dict | None = None) -> bytes:
         """A chunk from choices the model replica already rendered (`wire.outgoing`)."""
+        if usage is not None:
+            return self._head + choices_json + b',"usage":' + dumps(usage) + b"}\n\n"
         return self._head + choices_json + self._tail
 
     def usage_chunk(self, usage: dict) -> bytes:
@@ -55,16 +59,16 @@ class ChatFrame(CompletionFrame):
     OBJECT, CHUNK = "chat.completion", "chat.completion.chunk"
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool, top_logprobs: int | None,
-                 choices: int):
-        super().__init__(completion_id, created, model, include_usage)
+                 choices: int, continuous_usage: bool = False):
+        super().__init__(completion_id, created, model, include_usage, continuous_usage)
         self.top_logprobs = top_logprobs
         self.choices = choices
 
     def obj(self, choices: list[dict], usage: dict | None) -> dict:
         return self._obj(self.OBJECT, chat_messages(choices, self.top_logprobs), usage)
 
-    def chunk(self, choices: list[dict]) -> bytes:
-        return self._head + dumps(chat_deltas(choices, self.top_logprobs)) + self._tail
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        return self.rendered_chunk(dumps(chat_deltas(choices, self.top_logprobs)), usage)
 
     def usage_chunk(self, usage: dict) -> bytes:
         return event(self._obj(self.CHUNK, [], usage))

@@ -30,6 +30,28 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: StrictBool | None = None
     include_obfuscation: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = None  # vLLM's: every chunk carries the usage so far
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint on what the model may write."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        if sum(v is not None for v in (self.json_, self.regex, self.choice, self.grammar, self.json_object)) != 1:
+            raise invalid("structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+                          "structured_outputs")
+        return self
+
+    def engine(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class SamplingFields(BaseModel):
@@ -63,6 +85,13 @@ class SamplingFields(BaseModel):
     spaces_between_special_tokens: StrictBool | None = None
     allowed_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)] | None = None
     bad_words: list[StrictStr] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    return_token_ids: StrictBool | None = None  # choices carry `token_ids` (and `prompt_token_ids`)
+    priority: StrictInt | None = None  # only for models whose engine schedules by priority (lower runs first)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
     def _check_sampling(self, max_tokens: int | None) -> None:
         if self.stream_options is not None and not self.stream:
@@ -89,6 +118,8 @@ class SamplingFields(BaseModel):
                   "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
                   "allowed_token_ids", "bad_words")
         out = {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+        if self.structured_outputs is not None:
+            out["structured_outputs"] = self.structured_outputs.engine()
         if self.stop is not None:
             out["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return out
@@ -147,7 +178,8 @@ def _from_validation(exc: ValidationError, model: type[BaseModel]) -> ApiError:
         return nested
     loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
     # Union members show up in `loc` as type names (for example `list[int]`); keep only the field path.
-    path = [p for p in loc if p in FIELD_NAMES.get(model, model.model_fields) or p in StreamOptions.model_fields]
+    path = [p for p in loc if p in FIELD_NAMES.get(model, model.model_fields) or p in StreamOptions.model_fields
+            or p in StructuredOutputs.model_fields or p == "json"]
     if first["type"] == "extra_forbidden" and loc:
         path.append(loc[-1])
     param = ".".join(path) if path else (loc[0] if loc else None)

@@ -94,6 +94,7 @@ class Architecture(BaseModel):
 
 
 DRAIN_MARGIN_S = 30
+DEFAULT_QUEUED_REQUESTS = 128
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}  # vLLM allows the flag per backend
 
 
@@ -116,7 +117,7 @@ class ModelSpec(BaseModel):
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 64
     # Requests waiting for a replica once every replica has max_ongoing_requests; more are answered 503 with
     # Retry-After at once (serving/routing.py) instead of queueing without end.
-    max_queued_requests: Annotated[int, Field(ge=1)] = 128
+    max_queued_requests: Annotated[int, Field(ge=1)] | None = None  # default: 128; unbounded for safety models
     env: dict[str, str] = {}
     accelerator: Accelerator | None = None
     architecture: Architecture | None = None
@@ -170,6 +171,14 @@ class ModelSpec(BaseModel):
         if self.source.startswith(DEV_SCHEME):
             return str(model_path(self.source[len(DEV_SCHEME):]))
         return self.source
+
+    @property
+    def queue_limit(self) -> int | None:
+        """Requests that may wait for a replica (None: no bound). A safety model's callers are the guard, whose own
+        timeout bounds the wait; a bound there would refuse guarded requests at once under a burst."""
+        if self.max_queued_requests is not None:
+            return self.max_queued_requests
+        return None if self.category is Category.SAFETY else DEFAULT_QUEUED_REQUESTS
 
     def engine_kwargs(self) -> dict[str, Any]:
         """`engine_args` over the defaults. Structured output (chat's `response_format`) is compact JSON by

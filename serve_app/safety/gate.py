@@ -15,6 +15,9 @@ from serve_app.safety.policy import GuardError, GuardPolicy, Verdict
 from serve_app.safety.templates import user_tokens
 
 
+TAIL_CHARS = 64
+
+
 class StreamGate:
     def __init__(self, moderator: Moderator, prompts: list[str], n: int, policy: GuardPolicy, window_tokens: int):
         self.moderator = moderator
@@ -62,12 +65,21 @@ class StreamGate:
         return out
 
     def _segment(self, i: int) -> list[list[int]]:
+        """This release's windows of choice i. New text is tokenized once, up to its last space: the word it ends
+        in is judged now but tokenized again with what follows (so a word cut by a release reaches the guard as it
+        would whole); a run of more than TAIL_CHARS without a space is taken as it is."""
         ids = self.ids.setdefault(i, [])
         fresh = "".join(self.fresh[i])
-        self.fresh[i] = []
-        if fresh:
-            ids += user_tokens(self.moderator.tokenizer, fresh)
-        parts, self.anchor[i] = windows_from(ids, self.anchor.get(i, 0), self.moderator.response_budget)
+        cut = len(fresh) if i in self.finished else fresh.rfind(" ") + 1
+        if len(fresh) - cut > TAIL_CHARS:
+            cut = len(fresh)
+        tokenizer = self.moderator.tokenizer
+        if cut:
+            ids += user_tokens(tokenizer, fresh[:cut])
+        tail = fresh[cut:]
+        self.fresh[i] = [tail] if tail else []
+        judged = ids + user_tokens(tokenizer, tail) if tail else ids
+        parts, self.anchor[i] = windows_from(judged, self.anchor.get(i, 0), self.moderator.response_budget)
         return parts
 
     def _context(self, p: int) -> list[int]:

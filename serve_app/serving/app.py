@@ -49,7 +49,8 @@ def model_deployment(spec: ModelSpec, drain_s: float) -> Application:
     `drain_s`, the longest request allowed, before Serve ends it (Serve's default is 20 s)."""
     actor, options, engine = placement(spec)
     options.update(name=spec.deployment_name(), ray_actor_options=actor,
-                   max_ongoing_requests=spec.max_ongoing_requests, max_queued_requests=spec.max_queued_requests,
+                   max_ongoing_requests=spec.max_ongoing_requests,
+                   max_queued_requests=spec.queue_limit if spec.queue_limit is not None else -1,
                    graceful_shutdown_timeout_s=drain_s)
     if spec.autoscaling is not None:
         options["autoscaling_config"] = spec.autoscaling.model_dump(exclude_none=True)

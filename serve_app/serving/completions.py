@@ -140,6 +140,7 @@ class CompletionPath:
             await self.billing.known(key, lambda: self.auth_failures.check(address))
             req = endpoint.parse(await self._body(request))
             route = self.router.route(req.model, chat=endpoint.chat)
+            route.check_priority(req.priority)
             record.model, record.stream = route.spec.id, bool(req.stream)
             prompts = await endpoint.prompts(req, route)
             if len(prompts.ids) * req.candidates_per_prompt > self.max_sequences:
@@ -272,12 +273,14 @@ class CompletionPath:
             item = first
             while item is not None:
                 outcome.usage = item.usage
+                usage = item.usage.as_dict() if frame.continuous_usage else None
                 if gate is None:
-                    yield frame.rendered_chunk(item.rendered) if item.rendered is not None else frame.chunk(item.choices)
+                    yield frame.rendered_chunk(item.rendered, usage) if item.rendered is not None else \
+                        frame.chunk(item.choices, usage)
                     received.delivered = item.usage
                 else:
                     if released := await gate.feed(item.choices, item.usage.completion_tokens):
-                        yield frame.chunk(released)
+                        yield frame.chunk(released, usage)
                         received.delivered = item.usage
                     if gate.blocked:
                         break

@@ -36,14 +36,15 @@ class Completions:
 
     @staticmethod
     def frame(completion_id: str, created: int, model: str, req: CompletionRequest) -> CompletionFrame:
-        return CompletionFrame(completion_id, created, model, req.include_usage)
+        return CompletionFrame(completion_id, created, model, req.include_usage, req.continuous_usage)
 
     @staticmethod
     def generation(completion_id: str, req: CompletionRequest, prompts: Prompts) -> GenerationRequest:
         return GenerationRequest(
             request_id=completion_id, prompts=prompts.ids, prompt_texts=prompts.texts, sampling=req.sampling(),
             n=req.choices_per_prompt, best_of=req.best_of, logprobs=req.logprobs, echo=bool(req.echo),
-            max_tokens=req.max_tokens_or_default)
+            max_tokens=req.max_tokens_or_default, return_token_ids=bool(req.return_token_ids),
+            priority=req.priority or 0)
 
 
 class Chat:
@@ -66,7 +67,12 @@ class Chat:
 
     @staticmethod
     def guard_texts(req: ChatCompletionRequest, prompts: Prompts, tokenizer) -> list[str]:
-        return [conversation(req)]
+        """The conversation first (what responses are judged against), then each of the customer's own messages
+        on its own: the guard judges the last user turn of a conversation, so a harmful system message or earlier
+        turn (or a forged "USER:" line) would otherwise go unjudged."""
+        texts = [conversation(req)]
+        texts += [m.text for m in req.messages if m.role != "assistant" and m.text and m.text not in texts]
+        return texts
 
     @staticmethod
     def logprobs(req: ChatCompletionRequest) -> int | None:
@@ -74,13 +80,15 @@ class Chat:
 
     @staticmethod
     def frame(completion_id: str, created: int, model: str, req: ChatCompletionRequest) -> ChatFrame:
-        return ChatFrame(completion_id, created, model, req.include_usage, req.top_logprobs, req.choices_per_prompt)
+        return ChatFrame(completion_id, created, model, req.include_usage, req.top_logprobs, req.choices_per_prompt,
+                         req.continuous_usage)
 
     @staticmethod
     def generation(completion_id: str, req: ChatCompletionRequest, prompts: Prompts) -> GenerationRequest:
         return GenerationRequest(
             request_id=completion_id, prompts=prompts.ids, prompt_texts=prompts.texts, sampling=req.sampling(),
-            n=req.choices_per_prompt, logprobs=req.logprobs_count, max_tokens=req.max_tokens_or_default, chat=True)
+            n=req.choices_per_prompt, logprobs=req.logprobs_count, max_tokens=req.max_tokens_or_default, chat=True,
+            return_token_ids=bool(req.return_token_ids), priority=req.priority or 0)
 
 
 def render_chat(req: ChatCompletionRequest, route) -> Prompts:

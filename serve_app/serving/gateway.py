@@ -50,7 +50,8 @@ class Gateway:
 
         self.completions, self.chat = path(Completions), path(Chat)
         self.tokenizer = TokenizerRoutes(router, billing, self.auth_failures,
-                                         TokenizerCalls(config.tokenizer_rpm, 60), config.max_body_bytes)
+                                         TokenizerCalls(config.tokenizer_rpm, 60), config.max_body_bytes,
+                                         config.body_read_s)
         self._created = int(clock())
 
     @classmethod
@@ -69,6 +70,11 @@ class Gateway:
         billing = Billing.on(redis, config.default_rpm, config.default_tpm, config.reservation_ttl_s,
                              config.delivery_checkpoint_s, config.default_concurrency)
         return cls(config, router, billing, safety, metrics, redis.ping, ledger=ledger)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Waits for both paths' settlements still running (the ingress is stopping); how many did not finish."""
+        left = await asyncio.gather(self.completions.drain(timeout_s), self.chat.drain(timeout_s))
+        return sum(left)
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
@@ -99,11 +105,12 @@ class Gateway:
         return Response(dumps(found.as_dict()), media_type=JSON)
 
     async def _authenticated(self, request: Request) -> Response | None:
-        """None for a valid key; otherwise the error response (an address that keeps failing is throttled)."""
+        """None for a valid key; otherwise the error response (an address that keeps failing is throttled, but a
+        key seen recently passes, as on the completions paths)."""
         address = client_address(request.scope)
         try:
-            self.auth_failures.check(address)
-            await self.billing.authenticate(keys.bearer_key(request.headers.get("authorization")))
+            key = keys.bearer_key(request.headers.get("authorization"))
+            await self.billing.known(key, lambda: self.auth_failures.check(address))
         except ApiError as exc:
             if exc.code is Code.INVALID_API_KEY:
                 self.auth_failures.failed(address)

@@ -47,6 +47,6 @@ class Ingress:
 
     async def __del__(self):
         """Serve awaits this when the replica stops: settlements still retrying get their chance to land."""
-        left = await self.gateway.completions.drain(DRAIN_S)
+        left = await self.gateway.drain(DRAIN_S)
         if left:
             log.error("%d settlements did not finish before the ingress stopped; their reservations will expire", left)

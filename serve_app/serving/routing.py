@@ -33,6 +33,11 @@ class ModelRoute:
         """Chat completions need the model's chat template, from its tokenizer's configuration."""
         return getattr(self.tokenizer, "chat_template", None) is not None
 
+    def check_priority(self, priority: int | None) -> None:
+        if priority is not None and self.spec.engine_args.get("scheduling_policy") != "priority":
+            raise ApiError(Code.INVALID_REQUEST, f"priority is not enabled for the model '{self.spec.id}' (its engine "
+                           "schedules first come, first served).", "priority")
+
     @property
     def endpoints(self) -> list[str]:
         return [e for e, served in (("completions", self.spec.completions), ("chat.completions", self.chat)) if served]
@@ -54,7 +59,7 @@ class ModelRoute:
     def queue_full(self) -> ApiError:
         """Every replica is busy and `max_queued_requests` wait already: refused at once, never queued."""
         return ApiError(Code.SERVICE_UNAVAILABLE, f"The model '{self.spec.id}' is at capacity "
-                        f"({self.spec.max_queued_requests} requests already waiting); retry shortly.",
+                        f"({self.spec.queue_limit} requests already waiting); retry shortly.",
                         headers={"Retry-After": str(RETRY_QUEUE_FULL_S)})
 
     def unavailable(self) -> ApiError:

@@ -1,8 +1,12 @@
 """`POST /tokenize` and `POST /detokenize`: the model's own tokenizer (the one the ingress meters with), for a key,
-free of charge, limited per key (`tokenizer_rpm`). Chat messages are rendered with the template chat completions
+free of charge, limited per key (`tokenizer_rpm`), one call at a time in a thread of their own (others get 429),
+with the body-read deadline of the paid paths. Chat messages are rendered with the template chat completions
 use, so a count here is the prompt_tokens a chat request will be billed."""
 
 from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,18 +18,28 @@ from serve_app.api.throttle import AuthFailures, TokenizerCalls, client_address
 from serve_app.api.tokenizer_protocol import parse_detokenize, parse_tokenize
 from serve_app.money import keys
 from serve_app.money.billing import Billing
-from serve_app.serving.prompts import chat_text, run_off_loop
+from serve_app.serving.prompts import chat_text
 from serve_app.serving.routing import ModelRouter
+
+
+# Their own thread, never the paid path's (`prompts.tokenize_async`): free calls cannot delay a customer's prompt.
+_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbt-tokenizer-api")
+
+
+def _answered(work, body) -> bytes:
+    return dumps(work(body))
 
 
 class TokenizerRoutes:
     def __init__(self, router: ModelRouter, billing: Billing, auth_failures: AuthFailures, calls: TokenizerCalls,
-                 max_body_bytes: int):
+                 max_body_bytes: int, body_read_s: float = 30):
         self.router = router
         self.billing = billing
         self.auth_failures = auth_failures
         self.calls = calls
         self.max_body_bytes = max_body_bytes
+        self.body_read_s = body_read_s
+        self._busy = asyncio.Lock()
 
     async def tokenize(self, request: Request) -> Response:
         return await self._answer(request, self._tokenize)
@@ -37,13 +51,20 @@ class TokenizerRoutes:
         address = client_address(request.scope)
         try:
             key = keys.bearer_key(request.headers.get("authorization"))
-            self.auth_failures.check(address)
-            await self.billing.authenticate(key)
+            await self.billing.known(key, lambda: self.auth_failures.check(address))
             digest = keys.key_hash(key)
             self.calls.check(digest)
             self.calls.count(digest)
-            body = await read_json(request, self.max_body_bytes)
-            return Response(dumps(await run_off_loop(work, body)), media_type=JSON)
+            async with asyncio.timeout(self.body_read_s):
+                body = await read_json(request, self.max_body_bytes)
+            if self._busy.locked():  # free work never queues behind itself: one at a time, the others retry
+                raise ApiError(Code.RATE_LIMIT_EXCEEDED, "The tokenizer is busy; retry shortly.",
+                               headers={"Retry-After": "1"})
+            async with self._busy:
+                return Response(await asyncio.get_running_loop().run_in_executor(_worker, _answered, work, body),
+                                media_type=JSON)
+        except TimeoutError:
+            return error_response(invalid(f"The request body did not arrive within {self.body_read_s:g} s.", None))
         except ApiError as exc:
             if exc.code is Code.INVALID_API_KEY:
                 self.auth_failures.failed(address)

@@ -53,7 +53,8 @@ def test_a_burst_beyond_a_models_queue_is_refused_at_once_and_pays_nothing(hosti
         answers = list(pool.map(lambda _: post(hostile_stack, key, request), range(12)))
     refused = [a for a in answers if a.status_code == 503]
     served = [a for a in answers if a.status_code == 200]
-    assert len(served) + len(refused) == 12 and 4 <= len(served) <= 6, [a.status_code for a in answers]
+    # Serve may refuse a little more than strictly needed when requests arrive together (its router says so).
+    assert len(served) + len(refused) == 12 and 2 <= len(served) <= 5, [a.status_code for a in answers]
     assert all(a.headers["retry-after"] == "1" and a.json()["error"]["code"] == "service_unavailable"
                and "at capacity" in a.json()["error"]["message"] for a in refused)
     assert min(a.elapsed.total_seconds() for a in refused) < 1.5 < time.monotonic() - started  # not queued

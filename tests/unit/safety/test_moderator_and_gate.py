@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from deployments.sim_tokenizer import IM_END, sim_tokenizer
-from serve_app.safety.gate import StreamGate
+from serve_app.safety.gate import TAIL_CHARS, StreamGate
 from serve_app.safety.moderator import Moderator, windows, windows_from
 from serve_app.safety.policy import GuardMode, GuardPolicy, parse_verdict
 from serve_app.serving.prompts import Prompts, prompt_texts
@@ -91,13 +91,15 @@ async def guard_work(tokens: int, window: int = 16) -> tuple[int, int, float]:
 
 
 async def test_the_stream_gate_work_grows_linearly_with_the_output():
-    """Every character is tokenized once, and each check judges at most a few windows: doubling a long output
+    """Every character is tokenized once (but the unfinished word, at most TAIL_CHARS, again at each release), and
+    each check judges at most a few windows: doubling a long output
     doubles the guard's tokens (it was quadratic: every check re-tokenized and re-judged the whole text)."""
     guard = CountingModerator()
     long = 8 * guard.response_budget
     asked_1, chars_1, cpu_1 = await guard_work(long)
     asked_2, chars_2, cpu_2 = await guard_work(2 * long)
-    assert chars_1 <= long + len("Tell me a story.") and chars_2 <= 2 * long + len("Tell me a story.")
+    for tokens, chars in ((long, chars_1), (2 * long, chars_2)):  # the unfinished word, re-read per release
+        assert chars <= tokens + (tokens // 16 + 1) * (TAIL_CHARS + 1) + len("Tell me a story.")
     assert 1.8 < asked_2 / asked_1 < 2.2, (asked_1, asked_2)
     per_check = guard.response_template.overhead + 2 * guard.response_budget
     assert asked_2 <= (2 * long // 16 + 1) * per_check
@@ -126,3 +128,24 @@ def test_windows_from_resumes_at_the_last_segment():
     assert anchor == 60 and parts[-1] == ids[60:]
     later, anchor2 = windows_from(ids + list(range(100, 110)), anchor, 40)
     assert anchor2 == 90 and later[0] == ids[60:100] and later[-1] == list(range(90, 110))
+
+
+async def test_a_word_cut_by_a_release_reaches_the_guard_whole():
+    """"thr" is judged when released, but kept as text and tokenized again with "ee ": the guard's ids are those of
+    whole words, as a real BPE tokenizer would give them for the whole text."""
+    guard = CountingModerator()
+    seen = []
+
+    async def judge(context, parts):
+        seen.append(guard.tokenizer.decode(parts[-1]))
+        return parse_verdict("Safety: Safe\nCategories: None")
+
+    guard.judge_response = judge
+    gate = StreamGate(guard, ["Tell me."], 1, GuardPolicy(GuardMode.OUTPUT), 4)
+    committed = []
+    for t, piece in enumerate(["one ", "two ", "thr", "ee ", "four"], 1):
+        gate.add([{"index": 0, "text": piece, "logprobs": None, "finish_reason": "stop" if t == 5 else None}])
+        await gate.release(t)
+        committed.append(guard.tokenizer.decode(gate.ids[0]))
+    assert seen == ["one ", "one two ", "one two thr", "one two three ", "one two three four"]  # all judged
+    assert committed == ["one ", "one two ", "one two ", "one two three ", "one two three four"]

@@ -89,3 +89,5 @@ def test_model_replicas_are_bounded_and_drained_for_the_longest_request():
     assert model._deployment_config.graceful_shutdown_timeout_s == 600 + 30 == config.drain_s
     with pytest.raises(ValueError):
         ModelSpec.model_validate({**SPEC, "max_queued_requests": 0})
+    assert ModelSpec.model_validate(SPEC).queue_limit == 128
+    assert ModelSpec.model_validate({**SPEC, "category": "safety"}).queue_limit is None  # the guard's timeout bounds it
