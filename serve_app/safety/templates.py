@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deployments.tokenizers import plain_tokens
+
 TEMPLATES = Path(__file__).parent / "templates"
 PROMPT_TEMPLATE = (TEMPLATES / "qwen3guard_prompt.txt").read_text()
 RESPONSE_TEMPLATE = (TEMPLATES / "qwen3guard_response.txt").read_text()
@@ -42,4 +44,4 @@ class TemplateTokens:
 
 def user_tokens(tokenizer, text: str) -> list[int]:
     """User text never yields a special token: `<|im_end|>` typed by a user is plain characters."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return plain_tokens(tokenizer, text)

@@ -10,7 +10,7 @@ from deployments.wire import GenerationRequest
 from serve_app.api.chat_protocol import ChatCompletionRequest, parse_chat_request
 from serve_app.api.encoding import ChatFrame, CompletionFrame
 from serve_app.api.protocol import CompletionRequest, parse_completion_request
-from serve_app.serving.prompts import (OFF_LOOP_CHARS, Prompts, chat_text, check_context, prompt_texts,
+from serve_app.serving.prompts import (OFF_LOOP_CHARS, Prompts, chat_prompt, check_context, prompt_texts,
                                       run_off_loop, tokenize_async)
 
 
@@ -92,8 +92,7 @@ class Chat:
 
 
 def render_chat(req: ChatCompletionRequest, route) -> Prompts:
-    text = chat_text(route.tokenizer, req.messages, route.spec.id)
-    ids = route.tokenizer.encode(text, add_special_tokens=False)
+    ids, text = chat_prompt(route.tokenizer, req.messages, route.spec.id)
     requested = req.requested_max_tokens
     check_context([ids], requested if requested is not None else 1, route.spec.max_model_len)
     req.resolve_max_tokens(len(ids), route.spec.max_model_len)

@@ -7,6 +7,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from deployments.tokenizers import chat_render
 from serve_app.api.errors import invalid
 from serve_app.api.protocol import MAX_CHOICES, MAX_PROMPTS, CompletionRequest
 from serve_app.config.service import ModelSpec
@@ -100,10 +101,11 @@ def check_context(ids: list[list[int]], max_tokens: int, limit: int) -> None:
                       f"completion). Please reduce your prompt or max_tokens.", "max_tokens")
 
 
-def chat_text(tokenizer, messages, model_id: str, add_generation_prompt: bool = True) -> str:
-    """Chat messages rendered with the model's chat template (developer turns are system turns to templates)."""
+def chat_prompt(tokenizer, messages, model_id: str, add_generation_prompt: bool = True) -> tuple[list[int], str]:
+    """Chat messages rendered with the model's chat template, as the engine would (`deployments/tokenizers.py`);
+    developer turns are system turns to templates. (token ids, text)."""
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
     try:
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return chat_render(tokenizer, turns, add_generation_prompt)
     except Exception as exc:  # a template's own checks (roles out of order, for one) raise from Jinja
         raise invalid(f"The model '{model_id}' cannot take these messages: {str(exc)[:300]}", "messages") from None

@@ -9,6 +9,8 @@ from typing import Any
 
 from ray.serve.exceptions import BackPressureError
 
+from deployments import tokenizers
+
 from serve_app.api.errors import ApiError, Code
 from serve_app.config.service import ModelSpec
 
@@ -30,8 +32,8 @@ class ModelRoute:
 
     @property
     def chat(self) -> bool:
-        """Chat completions need the model's chat template, from its tokenizer's configuration."""
-        return getattr(self.tokenizer, "chat_template", None) is not None
+        """Chat completions need the model's chat template, from its tokenizer's configuration (or mistral_common)."""
+        return tokenizers.serves_chat(self.tokenizer)
 
     def check_priority(self, priority: int | None) -> None:
         if priority is not None and self.spec.engine_args.get("scheduling_policy") != "priority":
@@ -104,11 +106,6 @@ class ModelRouter:
 
 
 def load_tokenizer(spec: ModelSpec):
-    """The ingress tokenizes once (for the context check and the reservation) and sends token ids on."""
-    if spec.simulated:
-        from deployments.sim_tokenizer import sim_tokenizer
-
-        return sim_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(spec.weights_path())
+    """The ingress tokenizes once (for the context check and the reservation) and sends token ids on: with the
+    engine's own tokenizer (`deployments/tokenizers.py`)."""
+    return tokenizers.load_tokenizer(spec.weights_path(), spec.engine_args, spec.simulated)

@@ -18,7 +18,8 @@ from serve_app.api.throttle import AuthFailures, TokenizerCalls, client_address
 from serve_app.api.tokenizer_protocol import parse_detokenize, parse_tokenize
 from serve_app.money import keys
 from serve_app.money.billing import Billing
-from serve_app.serving.prompts import chat_text
+from deployments.tokenizers import is_mistral
+from serve_app.serving.prompts import chat_prompt
 from serve_app.serving.routing import ModelRouter
 
 
@@ -75,8 +76,9 @@ class TokenizerRoutes:
         route = self.router.route(req.model, chat=req.messages is not None)
         tok = route.tokenizer
         if req.messages is not None:
-            text = chat_text(tok, req.messages, route.spec.id, req.add_generation_prompt)
-            ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+            ids, text = chat_prompt(tok, req.messages, route.spec.id, req.add_generation_prompt)
+            if req.add_special_tokens and not is_mistral(tok):  # as vLLM's: the template's own, and these again
+                ids = tok.encode(text, add_special_tokens=True)
         else:
             add = True if req.add_special_tokens is None else req.add_special_tokens
             ids = tok.encode(req.prompt, add_special_tokens=add)
