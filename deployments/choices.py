@@ -84,6 +84,21 @@ def merge_fragments(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [merged[i] for i in sorted(merged)]
 
 
+def prompt_logprobs_list(prompt_ids: Sequence[int], positions: Sequence[Mapping[int, Any] | None], top_n: int,
+                         decode: Callable[[int], str]) -> list[dict[str, dict] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (the first has none), its own and `top_n` more, by token id."""
+    out: list[dict[str, dict] | None] = []
+    for token_id, position in zip(prompt_ids, positions):
+        if not position:
+            out.append(None)
+            continue
+        ranked = sorted(position.items(), key=lambda kv: (kv[0] != token_id, kv[1].rank or 0))[: top_n + 1]
+        out.append({str(tid): {"logprob": _clamp(lp.logprob), "rank": lp.rank,
+                               "decoded_token": lp.decoded_token if lp.decoded_token is not None else decode(tid)}
+                    for tid, lp in ranked})
+    return out
+
+
 def with_token_ids(fragment: dict[str, Any], first: bool, prompt_ids: Sequence[int], ids: Sequence[int]
                    ) -> dict[str, Any]:
     """`return_token_ids`: the ids of this fragment, and the prompt's on a choice's first fragment (vLLM's)."""
@@ -142,7 +157,7 @@ def chat_messages(choices: list[dict], top: int | None) -> list[dict]:
 
 
 def _ids(out: dict, choice: dict) -> dict:
-    for key in ("token_ids", "prompt_token_ids"):
+    for key in ("token_ids", "prompt_token_ids", "prompt_logprobs"):
         if key in choice:
             out[key] = choice[key]
     return out

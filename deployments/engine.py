@@ -13,7 +13,7 @@ from contextlib import aclosing
 from typing import Any
 
 from deployments.choices import (ChoiceCursor, echo_text, finish_reason, logprobs_block, mean_logprob, merge_fragments,
-                                 merge_logprobs, with_token_ids)
+                                 merge_logprobs, prompt_logprobs_list, with_token_ids)
 from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
 
 log = logging.getLogger("qbt.engine")
@@ -79,7 +79,7 @@ class Engine:
             return SamplingParams(
                 n=1 if self._greedy(req) else candidates, max_tokens=max(req.max_tokens, 1),
                 logprobs=want_logprobs,
-                prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                prompt_logprobs=_prompt_logprobs(req),
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY, **kwargs)
         except (ValueError, TypeError) as exc:
             raise InvalidSampling(str(exc)) from exc
@@ -105,6 +105,9 @@ class Engine:
             logprobs = merge_logprobs(logprobs, block)
         fragment = {"text": text, "index": cursor.index, "logprobs": logprobs,
                     "finish_reason": finish_reason(out.finish_reason) if out.finish_reason or scoring else None}
+        if first and req.prompt_logprobs is not None:
+            fragment["prompt_logprobs"] = prompt_logprobs_list(req.prompts[prompt_idx], prompt_logprobs or [],
+                                                               req.prompt_logprobs, self._decode)
         return with_token_ids(fragment, first, req.prompts[prompt_idx], token_ids) if req.return_token_ids \
             else fragment
 
@@ -207,6 +210,12 @@ class Engine:
         if final is None:
             raise EngineFailure("the engine returned no output")
         return final
+
+
+def _prompt_logprobs(req: GenerationRequest) -> int | None:
+    """What the engine computes for the prompt: `prompt_logprobs`, and `echo` with `logprobs` needs them too."""
+    wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+    return max(wanted) if wanted else None
 
 
 def _request_errors() -> tuple[type[BaseException], ...]:

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.choices import (ChoiceCursor, echo_text, logprobs_block, merge_fragments, merge_logprobs,
-                                 with_token_ids)
+                                 prompt_logprobs_list, with_token_ids)
 from deployments.sim_tokenizer import sim_tokenizer
 from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
 
@@ -276,6 +276,10 @@ class SimEngine:
         cursor.started = True
         out = {"text": text, "index": cursor.index, "logprobs": logprobs,
                "finish_reason": script.finish if stop >= script.length else None}
+        if first and req.prompt_logprobs is not None:
+            prompt = req.prompts[prompt_idx]
+            positions = [None] + [{t: _Logprob(SIM_LOGPROB, 1, None)} for t in prompt[1:]]
+            out["prompt_logprobs"] = prompt_logprobs_list(prompt, positions, req.prompt_logprobs, self._decode)
         return with_token_ids(out, first, req.prompts[prompt_idx], ids) if req.return_token_ids else out
 
     def _decode(self, token_id: int) -> str:

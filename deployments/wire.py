@@ -38,6 +38,7 @@ class GenerationRequest:
     chat: bool = False  # rendered choices take chat.completion.chunk's shape
     return_token_ids: bool = False  # choices carry `token_ids` (the first fragment also `prompt_token_ids`)
     priority: int = 0  # for engines that schedule by priority (lower runs first)
+    prompt_logprobs: int | None = None  # alternatives per prompt token, on each choice's first fragment
 
     @property
     def prompt_tokens(self) -> int:

@@ -88,6 +88,7 @@ class SamplingFields(BaseModel):
     structured_outputs: StructuredOutputs | None = None
     return_token_ids: StrictBool | None = None  # choices carry `token_ids` (and `prompt_token_ids`)
     priority: StrictInt | None = None  # only for models whose engine schedules by priority (lower runs first)
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None  # per prompt token, on the first chunk
 
     @property
     def continuous_usage(self) -> bool:

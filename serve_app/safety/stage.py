@@ -40,12 +40,16 @@ class SafetyStage:
             return self.default
 
     @staticmethod
-    def unjudged(policy: GuardPolicy, logprobs: int | None) -> ApiError | None:
+    def unjudged(policy: GuardPolicy, logprobs: int | None, prompt_logprobs: int | None = None) -> ApiError | None:
         """Under output moderation, the guard judges the text returned, not the alternatives: `logprobs` (and with
-        `echo`, the prompt's) would show tokens it never judged, so they are refused, never silently dropped."""
-        if policy.mode.checks_output and logprobs is not None:
-            return ApiError(Code.INVALID_REQUEST, "logprobs are not available to keys whose output is moderated: "
-                            "the alternative tokens would not be judged by the safety guard.", "logprobs")
+        `echo`, the prompt's) and `prompt_logprobs` would show tokens it never judged, so they are refused, never
+        silently dropped."""
+        if not policy.mode.checks_output:
+            return None
+        for field, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if value is not None:
+                return ApiError(Code.INVALID_REQUEST, f"{field} are not available to keys whose output is "
+                                "moderated: the alternative tokens would not be judged by the safety guard.", field)
         return None
 
     def screen(self, policy: GuardPolicy, texts: list[str], n: int, span, request_id: str) -> Screening:

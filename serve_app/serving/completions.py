@@ -164,7 +164,7 @@ class CompletionPath:
         call = Call(route, gen, endpoint.frame(completion_id, int(self.clock()), route.spec.id, req), admission,
                     self.safety.screen(policy, texts, req.choices_per_prompt, root, completion_id),
                     admission.limits.headers(), record, root, bound)
-        if (unjudged := self.safety.unjudged(policy, endpoint.logprobs(req))) is not None:
+        if (unjudged := self.safety.unjudged(policy, endpoint.logprobs(req), req.prompt_logprobs)) is not None:
             return await self._refuse(call, Outcome(Usage(prompt_tokens=call.gen.prompt_tokens)), unjudged)
         if req.stream:
             return await self._stream(call)

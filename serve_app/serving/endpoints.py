@@ -44,7 +44,7 @@ class Completions:
             request_id=completion_id, prompts=prompts.ids, prompt_texts=prompts.texts, sampling=req.sampling(),
             n=req.choices_per_prompt, best_of=req.best_of, logprobs=req.logprobs, echo=bool(req.echo),
             max_tokens=req.max_tokens_or_default, return_token_ids=bool(req.return_token_ids),
-            priority=req.priority or 0)
+            priority=req.priority or 0, prompt_logprobs=req.prompt_logprobs)
 
 
 class Chat:
@@ -88,7 +88,8 @@ class Chat:
         return GenerationRequest(
             request_id=completion_id, prompts=prompts.ids, prompt_texts=prompts.texts, sampling=req.sampling(),
             n=req.choices_per_prompt, logprobs=req.logprobs_count, max_tokens=req.max_tokens_or_default, chat=True,
-            return_token_ids=bool(req.return_token_ids), priority=req.priority or 0)
+            return_token_ids=bool(req.return_token_ids), priority=req.priority or 0,
+            prompt_logprobs=req.prompt_logprobs)
 
 
 def render_chat(req: ChatCompletionRequest, route) -> Prompts:

@@ -43,3 +43,16 @@ async def test_priority_only_where_the_engine_schedules_by_it_and_structured_out
     assert (await harness.post(body(structured_outputs={"choice": [" Ottawa.", " Paris."]}))).status_code == 200
     res = await post_chat(harness, chat(response_format={"type": "json_object"}, structured_outputs={"regex": "x"}))
     assert res.status_code == 400 and error_of(res)["param"] == "structured_outputs"
+
+
+async def test_prompt_logprobs_come_once_per_choice_and_never_unjudged(harness):
+    (choice,) = json.loads((await harness.post(body(prompt_logprobs=1))).body)["choices"]
+    prompt = sim_tokenizer().encode(PROMPT)
+    assert len(choice["prompt_logprobs"]) == len(prompt) and choice["prompt_logprobs"][0] is None
+    assert all(str(t) in p and p[str(t)]["decoded_token"] for t, p in zip(prompt[1:], choice["prompt_logprobs"][1:]))
+    got = await read_all(await harness.post(body(prompt_logprobs=1, stream=True)))
+    assert "prompt_logprobs" in got[0]["choices"][0] and all("prompt_logprobs" not in c for chunk in got[1:-1]
+                                                             for c in chunk["choices"])
+    harness.billing.guard = "output"
+    res = await harness.post(body(prompt_logprobs=1))
+    assert res.status_code == 400 and error_of(res)["param"] == "prompt_logprobs"
