@@ -36,7 +36,7 @@ class CompletionFrame:
             out["usage"] = usage
         return out
 
-    def opening(self) -> bytes | None:
+    def opening(self, usage: dict | None = None) -> bytes | None:
         return None
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
@@ -73,10 +73,11 @@ class ChatFrame(CompletionFrame):
     def usage_chunk(self, usage: dict) -> bytes:
         return event(self._obj(self.CHUNK, [], usage))
 
-    def opening(self) -> bytes | None:
+    def opening(self, usage: dict | None = None) -> bytes | None:
         """The stream's first event: each choice's role, before any content (as OpenAI and vLLM send it)."""
-        return self._head + dumps([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None} for i in range(self.choices)]) + self._tail
+        return self.rendered_chunk(dumps([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None} for i in range(self.choices)]),
+                                   usage if self.continuous_usage else None)
 
 
 def event(payload: dict) -> bytes:

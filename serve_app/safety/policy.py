@@ -77,6 +77,8 @@ def parse_verdict(text: str) -> Verdict:
     if categories == ("None",):
         categories = ()
     unknown = [c for c in categories if c not in CATEGORIES]
-    if unknown or (safety == "Safe" and categories) or (safety != "Safe" and not categories):
+    # An unsafe verdict without a category is still that verdict (the safety line decides; refusing it as an error
+    # would let it through under a fail-open policy); a Safe one with categories is ambiguous, an error.
+    if unknown or (safety == "Safe" and categories):
         raise GuardError(f"inconsistent guard output: {text[:120]!r}")
     return Verdict(safety, categories, refusal)

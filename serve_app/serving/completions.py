@@ -268,7 +268,7 @@ class CompletionPath:
         received.delivered = Usage(prompt_tokens=prompt_tokens)
         error = None
         try:
-            if (opening := frame.opening()) is not None:
+            if (opening := frame.opening(Usage(prompt_tokens).as_dict())) is not None:
                 yield opening
             item = first
             while item is not None:

@@ -9,6 +9,7 @@ from serve_app.safety.policy import GuardError, GuardMode, GuardPolicy, Verdict,
 @pytest.mark.parametrize("text, safety, cats, refusal", [
     ("Safety: Safe\nCategories: None", "Safe", (), None),
     ("Safety: Unsafe\nCategories: Violent", "Unsafe", ("Violent",), None),
+    ("Safety: Unsafe\nCategories: None", "Unsafe", (), None),  # still unsafe: never an error a fail-open key passes
     ("Safety: Controversial\nCategories: PII, Unethical Acts\nRefusal: No", "Controversial", ("PII", "Unethical Acts"),
      "No"),
     ("Safety: Safe\nCategories: None\nRefusal: Yes\n", "Safe", (), "Yes"),
@@ -19,7 +20,7 @@ def test_parses_qwen3guard_output(text, safety, cats, refusal):
 
 @pytest.mark.parametrize("text", [
     "", "Safe", "safety: safe\ncategories: none", "Safety: Safe", "Safety: Probably\nCategories: None",
-    "Safety: Unsafe\nCategories: None", "Safety: Safe\nCategories: Violent", "Safety: Unsafe\nCategories: Weather",
+    "Safety: Safe\nCategories: Violent", "Safety: Unsafe\nCategories: Weather",
     "I am a helpful assistant.", "Safety: Safe\nCategories: None\nRefusal: Maybe",
     "Sure! Safety: Safe\nCategories: None", "Safety: Safe\nCategories: None\nextra text",
 ])

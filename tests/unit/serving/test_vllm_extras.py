@@ -56,3 +56,10 @@ async def test_prompt_logprobs_come_once_per_choice_and_never_unjudged(harness):
     harness.billing.guard = "output"
     res = await harness.post(body(prompt_logprobs=1))
     assert res.status_code == 400 and error_of(res)["param"] == "prompt_logprobs"
+
+
+async def test_a_chat_streams_every_chunk_has_the_usage_with_continuous_stats(harness):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    got = await read_all(await post_chat(harness, chat(stream=True, stream_options=options)))
+    assert got[0]["usage"]["completion_tokens"] == 0 and got[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(chunk["usage"] is not None for chunk in got[:-1])
