@@ -136,6 +136,9 @@ class FakeBilling:
 
         return Credits(await self.authenticate(key), 5_000_000, 100 * len(self.admitted) - 0)
 
+    def recent(self, key: str) -> bool:
+        return False
+
     async def known(self, key: str, before_lookup=None) -> None:
         if before_lookup is not None:  # every key is "not seen recently" here
             before_lookup()

@@ -199,23 +199,22 @@ class Admitter:
 
     async def authenticate(self, key_hash: str) -> str:
         """Key -> account, for endpoints that are authenticated but not metered (`GET /v1/models`)."""
-        try:
-            account = await self._authenticate(keys=[keyspace.key_record(key_hash)])
-        except Exception:
-            raise unreachable("") from None
-        if not account:
-            raise ApiError(Code.INVALID_API_KEY, INVALID_KEY)
-        return account
+        return await self._by_key(self._authenticate, key_hash)
 
     async def credits(self, key_hash: str) -> Credits:
+        account, balance, reserved = (str(v) for v in await self._by_key(self._credits, key_hash))
+        return Credits(account, int(balance), int(reserved))
+
+    @staticmethod
+    async def _by_key(script, key_hash: str):
+        """A read-only script over an active key's record: 503 if Redis is unreachable, 401 if the key is not."""
         try:
-            found = await self._credits(keys=[keyspace.key_record(key_hash)])
+            found = await script(keys=[keyspace.key_record(key_hash)])
         except Exception:
             raise unreachable("") from None
         if not found:
             raise ApiError(Code.INVALID_API_KEY, INVALID_KEY)
-        account, balance, reserved = (v.decode() if isinstance(v, bytes) else str(v) for v in found)
-        return Credits(account, int(balance), int(reserved))
+        return found
 
 
 @dataclass(frozen=True, slots=True)

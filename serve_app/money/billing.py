@@ -39,7 +39,15 @@ class Billing:
                    Leases(redis, reservation_ttl_s, checkpoint_s))
 
     async def authenticate(self, key: str) -> str:
-        return await self.admitter.authenticate(keys.key_hash(key))
+        """Always one lookup (a revoked key is refused at once); the key then counts as seen recently."""
+        digest = keys.key_hash(key)
+        account = await self.admitter.authenticate(digest)
+        self._remember(digest)
+        return account
+
+    def recent(self, key: str) -> bool:
+        """Seen (admitted or authenticated) in the last KNOWN_S: the address throttle lets it through."""
+        return self._known.get(keys.key_hash(key), 0) > time.monotonic()
 
     async def credits(self, key: str) -> Credits:
         return await self.admitter.credits(keys.key_hash(key))

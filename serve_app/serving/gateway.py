@@ -110,7 +110,9 @@ class Gateway:
         address = client_address(request.scope)
         try:
             key = keys.bearer_key(request.headers.get("authorization"))
-            await self.billing.known(key, lambda: self.auth_failures.check(address))
+            if not self.billing.recent(key):
+                self.auth_failures.check(address)
+            await self.billing.authenticate(key)
         except ApiError as exc:
             if exc.code is Code.INVALID_API_KEY:
                 self.auth_failures.failed(address)

@@ -52,7 +52,9 @@ class TokenizerRoutes:
         address = client_address(request.scope)
         try:
             key = keys.bearer_key(request.headers.get("authorization"))
-            await self.billing.known(key, lambda: self.auth_failures.check(address))
+            if not self.billing.recent(key):
+                self.auth_failures.check(address)
+            await self.billing.authenticate(key)
             digest = keys.key_hash(key)
             self.calls.check(digest)
             self.calls.count(digest)

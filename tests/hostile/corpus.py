@@ -28,6 +28,8 @@ WRONG = {
                    {"5": [1]}, {"5": None}, {" 5": 1}, {"5.0": 1}],
     "ids": ["x", 1, [-1], ["1"], [1.5], {}, [True], [None], [[1]]],
     "words": ["x", [1], [None], {}, 1, [["a"]]],
+    "structured": ["x", 1, True, [], {}, {"regex": 1}, {"choice": []}, {"choice": "a"}, {"json": 3},
+                   {"regex": "a", "choice": ["a"]}, {"x": 1}, {"json_object": "true"}, {"grammar": None, "x": 1}],
 }
 KINDS = {
     "model": "model", "prompt": "prompt", "suffix": "str", "max_tokens": "int", "temperature": "float", "top_p": "float",
@@ -36,12 +38,14 @@ KINDS = {
     "logit_bias": "logit_bias", "seed": "int", "user": "str", "top_k": "int", "min_p": "float",
     "repetition_penalty": "float", "min_tokens": "int", "ignore_eos": "bool", "stop_token_ids": "ids",
     "include_stop_str_in_output": "bool", "skip_special_tokens": "bool", "spaces_between_special_tokens": "bool",
-    "allowed_token_ids": "ids", "bad_words": "words"}
+    "allowed_token_ids": "ids", "bad_words": "words", "structured_outputs": "structured",
+    "return_token_ids": "bool", "priority": "int", "prompt_logprobs": "int"}
 OUT_OF_RANGE = {
     "max_tokens": [-1, BIG, -BIG], "n": [0, MAX_CHOICES + 1, -1, BIG, -BIG], "best_of": [0, 21, BIG],
     "logprobs": [-1, 6, BIG], "seed": [2**63, -2**63 - 1, BIG], "top_k": [-2, -BIG], "min_tokens": [-1, BIG, 3],
     "temperature": [-0.1, 2.01, 1e300], "top_p": [-0.1, 1.01], "presence_penalty": [-2.01, 2.01],
-    "frequency_penalty": [-2.01, 2.01], "min_p": [-0.1, 1.01], "repetition_penalty": [0, -1, 2.01]}
+    "frequency_penalty": [-2.01, 2.01], "min_p": [-0.1, 1.01], "repetition_penalty": [0, -1, 2.01],
+    "prompt_logprobs": [-1, 21, BIG], "priority": [1, -1, BIG]}  # priority: the sim models do not schedule by it
 # No upper bound in the contract: passed through to the engine (vLLM clamps or refuses them); any answer but a 5xx.
 UNBOUNDED = {"top_k": BIG, "stop_token_ids": [BIG], "allowed_token_ids": [BIG], "logit_bias": {str(BIG): 1}}
 
