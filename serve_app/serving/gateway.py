@@ -15,15 +15,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serve_app.api.encoding import dumps
-from serve_app.api.errors import ApiError, Code
+from serve_app.api.errors import ApiError
 from serve_app.api.http import EXCEPTION_HANDLERS, JSON, error_response
-from serve_app.api.throttle import AuthFailures, TokenizerCalls, client_address
+from serve_app.api.throttle import AuthFailures, TokenizerCalls
 from serve_app.config.service import ServiceConfig
-from serve_app.money import keys, keyspace
+from serve_app.money import keyspace
 from serve_app.money.billing import Billing
 from serve_app.safety.moderator import Moderator
 from serve_app.safety.policy import GuardPolicy
 from serve_app.safety.stage import SafetyStage
+from serve_app.serving.access import authenticated_key
 from serve_app.serving.completions import CompletionPath
 from serve_app.serving.endpoints import Chat, Completions
 from serve_app.serving.tokenizing import TokenizerRoutes
@@ -96,26 +97,17 @@ class Gateway:
 
     async def credits(self, request: Request) -> Response:
         """The key's account: balance, what in-flight requests hold, and what is available (decimal strings)."""
-        if (refused := await self._authenticated(request)) is not None:
-            return refused
         try:
-            found = await self.billing.credits(keys.bearer_key(request.headers.get("authorization")))
+            found = await self.billing.credits(await authenticated_key(request, self.billing, self.auth_failures))
         except ApiError as exc:
             return error_response(exc)
         return Response(dumps(found.as_dict()), media_type=JSON)
 
     async def _authenticated(self, request: Request) -> Response | None:
-        """None for a valid key; otherwise the error response (an address that keeps failing is throttled, but a
-        key seen recently passes, as on the completions paths)."""
-        address = client_address(request.scope)
+        """None for a valid key; otherwise the error response (`serving/access.py`)."""
         try:
-            key = keys.bearer_key(request.headers.get("authorization"))
-            if not self.billing.recent(key):
-                self.auth_failures.check(address)
-            await self.billing.authenticate(key)
+            await authenticated_key(request, self.billing, self.auth_failures)
         except ApiError as exc:
-            if exc.code is Code.INVALID_API_KEY:
-                self.auth_failures.failed(address)
             return error_response(exc)
         return None
 

@@ -14,11 +14,12 @@ from starlette.responses import Response
 from serve_app.api.encoding import dumps
 from serve_app.api.errors import ApiError, Code, invalid
 from serve_app.api.http import JSON, error_response, read_json
-from serve_app.api.throttle import AuthFailures, TokenizerCalls, client_address
+from serve_app.api.throttle import AuthFailures, TokenizerCalls
 from serve_app.api.tokenizer_protocol import parse_detokenize, parse_tokenize
 from serve_app.money import keys
 from serve_app.money.billing import Billing
 from deployments.tokenizers import is_mistral
+from serve_app.serving.access import authenticated_key
 from serve_app.serving.prompts import chat_prompt
 from serve_app.serving.routing import ModelRouter
 
@@ -49,13 +50,8 @@ class TokenizerRoutes:
         return await self._answer(request, self._detokenize)
 
     async def _answer(self, request: Request, work) -> Response:
-        address = client_address(request.scope)
         try:
-            key = keys.bearer_key(request.headers.get("authorization"))
-            if not self.billing.recent(key):
-                self.auth_failures.check(address)
-            await self.billing.authenticate(key)
-            digest = keys.key_hash(key)
+            digest = keys.key_hash(await authenticated_key(request, self.billing, self.auth_failures))
             self.calls.check(digest)
             self.calls.count(digest)
             async with asyncio.timeout(self.body_read_s):
@@ -69,8 +65,6 @@ class TokenizerRoutes:
         except TimeoutError:
             return error_response(invalid(f"The request body did not arrive within {self.body_read_s:g} s.", None))
         except ApiError as exc:
-            if exc.code is Code.INVALID_API_KEY:
-                self.auth_failures.failed(address)
             return error_response(exc)
 
     def _tokenize(self, body) -> dict:

@@ -1,0 +1,27 @@
+"""Who may call the authenticated but unmetered routes (`/v1/models`, `/v1/credits`, the tokenizer endpoints): one
+rule for all of them. The key is looked up every time (a revoked key is refused at once); an address that keeps
+sending invalid keys is throttled before the lookup, unless its key was seen recently (customers behind the same
+address as a key guesser keep working)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from serve_app.api.errors import ApiError, Code
+from serve_app.api.throttle import AuthFailures, client_address
+from serve_app.money import keys
+
+
+async def authenticated_key(request: Request, billing, auth_failures: AuthFailures) -> str:
+    """The request's API key once it is known to be valid; raises the contract's ApiError otherwise."""
+    address = client_address(request.scope)
+    try:
+        key = keys.bearer_key(request.headers.get("authorization"))
+        if not billing.recent(key):
+            auth_failures.check(address)
+        await billing.authenticate(key)
+        return key
+    except ApiError as exc:
+        if exc.code is Code.INVALID_API_KEY:
+            auth_failures.failed(address)
+        raise
