@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from serve_app.money import accounts, keyspace
+from serve_app.money import accounts, keyring, keyspace
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"
@@ -92,7 +92,7 @@ def bench_keys(redis_url: str) -> dict[str, str]:
     """Keys without limits on the benchmark's own Redis, guard off and with the guard's default policy (`both`)."""
     r = keyspace.sync_client(redis_url)
     accounts.ensure_account(r, "bench", "1000000")
-    return {g: accounts.create_key(r, "bench", rpm=10**7, tpm=10**10, concurrency=10**5, guard=g)[0]
+    return {g: keyring.create_key(r, "bench", rpm=10**7, tpm=10**10, concurrency=10**5, guard=g)[0]
             for g in ("off", "both")}
 
 

@@ -62,7 +62,7 @@ class Customer:
 def make_customer(redis_server):
     """An account with the given credit and a key with optional limits. Keys skip the guard unless a test asks
     for it (`guard=None` takes the config's default), so that spine tests do not depend on the dev guard."""
-    from serve_app.money import accounts, keyspace
+    from serve_app.money import accounts, keyring, keyspace
 
     r = keyspace.sync_client(redis_server.url)
 
@@ -70,7 +70,7 @@ def make_customer(redis_server):
              ) -> Customer:
         name = "t-" + uuid.uuid4().hex[:10]
         accounts.create_account(r, name, credits)
-        key, _ = accounts.create_key(r, name, rpm=rpm, tpm=tpm, guard=guard)
+        key, _ = keyring.create_key(r, name, rpm=rpm, tpm=tpm, guard=guard)
         return Customer(name, key)
 
     return make

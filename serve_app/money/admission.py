@@ -23,7 +23,7 @@ log = logging.getLogger("qbt.admission")
 
 RECONCILE_BATCH = 8
 
-ADMIT_LUA = lua.script(lua.CLOCK, lua.COST, lua.ACTIVE_KEY, lua.RESERVATION, lua.LEDGER_ROW, """
+ADMIT_LUA = lua.script(lua.CLOCK, lua.COST, lua.ACTIVE_KEY, lua.BUDGET, lua.RESERVATION, lua.LEDGER_ROW, """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, $batch)
 for _, rid in ipairs(expired) do
   local rk = '$reservation_prefix' .. rid
@@ -36,6 +36,7 @@ for _, rid in ipairs(expired) do
     if dc > 0 then cost = math.min(cost_micros(dp, dc, tonumber(r.pin), tonumber(r.pout)), tonumber(r.reserved)) end
     redis.call('HINCRBY', acct, 'reserved', 0 - tonumber(r.reserved))
     release_slot(rk)
+    settle_budget(rk, cost)
     if dc > 0 then  -- as a settlement would count it (a late one then counts only the rest)
       redis.call('HINCRBY', acct, 'balance', 0 - cost)
       redis.call('HINCRBY', acct, 'spent', cost)
@@ -60,6 +61,9 @@ local k = active_key(KEYS[1])
 if not k then return {'invalid_api_key'} end
 -- The guard models judge everyone's traffic: calling them directly (probing what passes) takes a key allowed to.
 if ARGV[11] == '1' and k.safety_models ~= '1' then return {'safety_model'} end
+if k.models and k.models ~= '' and not string.find(',' .. k.models .. ',', ',' .. ARGV[9] .. ',', 1, true) then
+  return {'model_not_allowed'}
+end
 local acct = '$account_prefix' .. k.account
 local prompt, completion = tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens = prompt + completion
@@ -94,34 +98,47 @@ local a = redis.call('HMGET', acct, 'balance', 'reserved')
 if not a[1] then return {'invalid_api_key'} end
 local available = tonumber(a[1]) - (tonumber(a[2]) or 0)
 if cost > available then return {'insufficient_funds', cost, available} end
+local budget = tonumber(k.budget)
+local window = 0
+if budget then
+  window = period_start(k.budget_period or 'total', now)
+  local left = budget - budget_spent(k.budget_window, k.budget_spent, k.budget_period) - (tonumber(k.budget_reserved) or 0)
+  if cost > left then return {'budget_exceeded', cost, math.max(left, 0), budget, k.budget_period or 'total'} end
+end
 
 local reply = {'ok', k.account, k.key_id, cost, rpm, r_rem, r_reset, tpm, t_rem, t_reset, k.guard or ''}
 local rsv = reservation_args({account = k.account, key_id = k.key_id, reserved = cost, tokens = tokens,
-  model = ARGV[9], created = now, keyrec = KEYS[1], pin = pin, pout = pout, tpm = tpm, request_id = ARGV[10]})
-if rpm > 0 then redis.call('HSET', KEYS[1], 'rpm_tat', tostring(r_tat)) end
-if tpm > 0 then redis.call('HSET', KEYS[1], 'tpm_tat', tostring(t_tat)) end
+  model = ARGV[9], created = now, keyrec = k.record, pin = pin, pout = pout, tpm = tpm, request_id = ARGV[10]})
+if rpm > 0 then redis.call('HSET', k.record, 'rpm_tat', tostring(r_tat)) end
+if tpm > 0 then redis.call('HSET', k.record, 'tpm_tat', tostring(t_tat)) end
 redis.call('HINCRBY', acct, 'reserved', cost)
-if cap > 0 then redis.call('HINCRBY', KEYS[1], 'inflight', 1) end
-redis.call('HSET', rk, 'reply', cjson.encode(reply), 'slot', cap > 0 and '1' or '0', unpack(rsv))
+if cap > 0 then redis.call('HINCRBY', k.record, 'inflight', 1) end
+if budget then
+  redis.call('HSET', k.record, 'budget_window', window, 'budget_spent',
+    budget_spent(k.budget_window, k.budget_spent, k.budget_period),
+    'budget_reserved', (tonumber(k.budget_reserved) or 0) + cost)
+end
+redis.call('HSET', rk, 'reply', cjson.encode(reply), 'slot', cap > 0 and '1' or '0', 'budgeted', budget and '1' or '0',
+  unpack(rsv))
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[1])
 return reply
 """, batch=RECONCILE_BATCH, expired=Status.EXPIRED.value)
 
-AUTHENTICATE_LUA = lua.script(lua.ACTIVE_KEY, """
+AUTHENTICATE_LUA = lua.script(lua.CLOCK, lua.ACTIVE_KEY, """
 local k = active_key(KEYS[1])
 if not k then return false end
 return k.account
 """)
 
 # `GET /v1/credits`: the key's account, its balance and what in-flight requests hold, read in one trip.
-CREDITS_LUA = lua.script(lua.ACTIVE_KEY, """
+CREDITS_LUA = lua.script(lua.CLOCK, lua.ACTIVE_KEY, """
 local k = active_key(KEYS[1])
 if not k then return false end
 local a = redis.call('HMGET', '$account_prefix' .. k.account, 'balance', 'reserved')
 return {k.account, a[1] or '0', a[2] or '0'}
 """)
 
-INVALID_KEY = "Invalid API key: the key is unknown or has been revoked."
+INVALID_KEY = "Invalid API key: the key is unknown, expired or revoked."
 
 
 class PriceRates(Protocol):
@@ -189,6 +206,18 @@ class Admitter:
         if verdict == "safety_model":
             raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' is a safety model and this key may not call "
                            "it directly (keys are allowed with `qbt keys create --safety-models`).", "model")
+        if verdict == "model_not_allowed":
+            raise ApiError(Code.MODEL_NOT_FOUND, f"The model '{model}' does not exist or this key may not use it.",
+                           "model")
+        if verdict == "budget_exceeded":
+            needed, left, budget = (units.micros_to_usd(v) for v in res[1:4])
+            period = res[4]
+            span = "in total" if period == "total" else f"per {period} (UTC)"
+            raise ApiError(Code.INSUFFICIENT_FUNDS,
+                           f"This key's budget is spent: it may spend ${budget} {span}, ${left} is left, and this "
+                           f"request may cost up to ${needed}.",
+                           detail={"needed_usd": needed, "available_usd": left, "budget_usd": budget,
+                                   "budget_period": period})
         if verdict == "insufficient_funds":
             needed, available = (units.micros_to_usd(v) for v in res[1:3])
             raise ApiError(Code.INSUFFICIENT_FUNDS,

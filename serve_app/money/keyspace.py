@@ -15,6 +15,9 @@ RESERVATION_PREFIX = f"{PREFIX}:rsv:"
 CORRUPT_PREFIX = f"{PREFIX}:rsv:corrupt:"  # reservations set aside by the scripts, for the operator
 DONE_PREFIX = f"{PREFIX}:done:"  # reservations reconciled as expired, awaiting a late settlement (a day)
 STATS = f"{PREFIX}:stats"  # counters the scripts keep (corrupt_reservations)
+AUDIT = f"{PREFIX}:audit"  # every operator change (a stream, never trimmed)
+KEY_ID_PREFIX = f"{PREFIX}:keyid:"  # key id -> the key's record
+ADMIN_TOKEN_PREFIX = f"{PREFIX}:admin:token:"  # admin tokens, by SHA-256
 
 
 def redis_url(explicit: str | None = None) -> str:
@@ -33,6 +36,14 @@ def credentials() -> dict:
 
 def key_record(key_hash: str) -> str:
     return KEY_RECORD_PREFIX + key_hash
+
+
+def key_by_id(key_id: str) -> str:
+    return KEY_ID_PREFIX + key_id
+
+
+def admin_token(token_hash: str) -> str:
+    return ADMIN_TOKEN_PREFIX + token_hash
 
 
 def account_record(name: str) -> str:

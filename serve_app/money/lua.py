@@ -21,19 +21,68 @@ local function cost_micros(prompt, completion, pin, pout)
 end
 """
 
-# A key is valid while its record exists and it is not revoked. Returns the fields in KEY_FIELDS order, or nil.
+# A key is valid while its record exists, it is not revoked and not past its expiry; a secret replaced by a rotation
+# is a small record (`alias_of` the key's record) valid until its grace ends (`secret_expires_ms`). Everything else
+# (limits, budget, state) lives in the key's one record, so both secrets of a rotation share it. Needs CLOCK.
 KEY_FIELDS = ("account", "key_id", "revoked", "rpm", "tpm", "rpm_tat", "tpm_tat", "guard", "safety_models",
-              "concurrency", "inflight")
+              "concurrency", "inflight", "expires_ms", "budget_micros", "budget_period", "budget_window",
+              "budget_spent", "budget_reserved", "models")
 ACTIVE_KEY = """
-local function active_key(record)
+local function active_key(secret)
+  local s = redis.call('HMGET', secret, 'alias_of', 'secret_expires_ms')
+  if s[2] and (tonumber(s[2]) or 0) <= now then return nil end
+  local record = s[1] or secret
   local k = redis.call('HMGET', record, $key_fields)
   if not k[1] or k[3] == '1' then return nil end
-  return {account = k[1], key_id = k[2], rpm = k[4], tpm = k[5], rpm_tat = k[6], tpm_tat = k[7], guard = k[8],
-          safety_models = k[9], concurrency = k[10], inflight = k[11]}
+  if k[12] and (tonumber(k[12]) or 0) <= now then return nil end
+  return {record = record, account = k[1], key_id = k[2], rpm = k[4], tpm = k[5], rpm_tat = k[6], tpm_tat = k[7],
+          guard = k[8], safety_models = k[9], concurrency = k[10], inflight = k[11], expires_ms = k[12],
+          budget = k[13], budget_period = k[14], budget_window = k[15], budget_spent = k[16],
+          budget_reserved = k[17], models = k[18]}
 end
 """
 
-# The reservation admission writes (`reservation_args`: all fields or a script error before any write) and
+# A key's budget: micro-dollars per period (`day`, `week` from Monday, `month`, all UTC; `total`: never resets).
+# The period is computed from Redis's clock when a request is admitted or settled: no scheduler, no reset job.
+# Admission holds the worst case in `budget_reserved`; settlement moves what was charged into `budget_spent`.
+BUDGET = """
+local DAY_MS = 86400000
+local function period_start(period, t)
+  local day = math.floor(t / DAY_MS)
+  if period == 'day' then return day * DAY_MS end
+  if period == 'week' then return (day - (day + 3) % 7) * DAY_MS end  -- 1970-01-01 was a Thursday
+  if period == 'month' then  -- the day of the month, from the civil calendar (H. Hinnant's days_from_civil inverse)
+    local z = day + 719468
+    local era = math.floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+    local mp = math.floor((5 * doy + 2) / 153)
+    return (day - (doy - math.floor((153 * mp + 2) / 5))) * DAY_MS
+  end
+  return 0
+end
+
+-- What the key has spent in the current period (0 once a new period has begun).
+local function budget_spent(window, spent, period)
+  if (tonumber(window) or -1) ~= period_start(period or 'total', now) then return 0 end
+  return tonumber(spent) or 0
+end
+
+-- A settled (or reconciled) request of a budgeted key: its hold is released and its charge counted in the period
+-- of the settlement.
+local function settle_budget(rk, charged)
+  local b = redis.call('HMGET', rk, 'budgeted', 'keyrec', 'reserved')
+  if b[1] ~= '1' or not b[2] then return end
+  local k = redis.call('HMGET', b[2], 'budget_reserved', 'budget_period', 'budget_window', 'budget_spent')
+  local held = math.min(tonumber(b[3]) or 0, tonumber(k[1]) or 0)
+  local window = period_start(k[2] or 'total', now)
+  redis.call('HSET', b[2], 'budget_reserved', (tonumber(k[1]) or 0) - held, 'budget_window', window,
+    'budget_spent', budget_spent(k[3], k[4], k[2]) + charged)
+end
+"""
+
+# The reservation admission writes (needs BUDGET before it) (`reservation_args`: all fields or a script error before any write) and
 # settlement and reconciliation read (`read_reservation`, validating every field before any write), by field name.
 RESERVATION_FIELDS = ("account", "key_id", "reserved", "tokens", "model", "created", "keyrec", "pin", "pout", "tpm",
                       "request_id")
@@ -79,6 +128,7 @@ end
 -- A corrupt reservation moves aside for the operator (`qbt:rsv:corrupt:<id>`, counted in `qbt:stats`).
 local function set_aside(rk, rid)
   release_slot(rk)
+  settle_budget(rk, 0)
   redis.call('RENAME', rk, '$corrupt_prefix' .. rid)
   redis.call('HINCRBY', '$stats', 'corrupt_reservations', 1)
 end
@@ -117,6 +167,25 @@ end
 # One ledger row per admitted request, whatever its ending.
 LEDGER_FIELDS = ("request_id", "completion_id", "account", "key_id", "model", "prompt_tokens", "completion_tokens",
                  "cost_micros", "status", "created_ms", "settled_ms")
+# Every operator change, appended in the same script as the change: who, what, before, after, when, request id.
+# Snapshots leave out what moves on every request (rate-limit state, in-flight counts) and the secrets' records.
+AUDIT = """
+local VOLATILE = {rpm_tat = true, tpm_tat = true, inflight = true, current_secret = true, budget_reserved = true}
+local function snapshot(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return 'null' end
+  local t = {}
+  for i = 1, #flat, 2 do
+    if not VOLATILE[flat[i]] then t[flat[i]] = flat[i + 1] end
+  end
+  return cjson.encode(t)
+end
+local function audit(actor, action, target, before, after, request_id)
+  redis.call('XADD', '$audit', '*', 'at_ms', now, 'actor', actor, 'action', action, 'target', target,
+    'before', before, 'after', after, 'request_id', request_id)
+end
+"""
+
 LEDGER_ROW = """
 local function ledger_row(ledger, completion_id, r, prompt, completion, cost, status, now)
   redis.call('XADD', ledger, '*', 'request_id', r.request_id, 'completion_id', completion_id, 'account', r.account,
@@ -134,7 +203,7 @@ def _quoted(names: tuple[str, ...]) -> str:
 SUBSTITUTIONS = {"key_fields": _quoted(KEY_FIELDS), "reservation_fields": _quoted(RESERVATION_FIELDS),
                  "account_prefix": keyspace.ACCOUNT_PREFIX, "reservation_prefix": keyspace.RESERVATION_PREFIX,
                  "corrupt_prefix": keyspace.CORRUPT_PREFIX, "done_prefix": keyspace.DONE_PREFIX,
-                 "stats": keyspace.STATS}
+                 "stats": keyspace.STATS, "audit": keyspace.AUDIT}
 
 
 def script(*parts: str, **values) -> str:

@@ -18,7 +18,7 @@ from serve_app.money.status import Status
 
 log = logging.getLogger("qbt.settlement")
 
-SETTLE_LUA = lua.script(lua.CLOCK, lua.COST, lua.RESERVATION, lua.LEDGER_ROW, """
+SETTLE_LUA = lua.script(lua.CLOCK, lua.COST, lua.BUDGET, lua.RESERVATION, lua.LEDGER_ROW, """
 local prompt, completion = tonumber(ARGV[2]), tonumber(ARGV[3])
 if not prompt or not completion then return redis.error_reply('settlement: token counts must be numbers') end
 local r, state = read_reservation(KEYS[1])
@@ -47,6 +47,7 @@ if ARGV[5] == '1' then
 end
 -- After a reconciliation that charged part (what was checkpointed), this row carries the rest.
 cost = math.max(cost - before[1], 0)
+if state == 'ok' then settle_budget(KEYS[1], cost) end
 prompt, completion = math.max(prompt - before[2], 0), math.max(completion - before[3], 0)
 local acct = '$account_prefix' .. r.account
 redis.call('HINCRBY', acct, 'reserved', 0 - reserved)

@@ -89,14 +89,14 @@ def cmd_keys(args) -> int:
             accounts.create_account(r, args.account, "0")
             print(f"created account {args.account} with no credit (top it up: qbt accounts topup "
                   f"{args.account} USD)")
-        key, kid = accounts.create_key(r, args.account, rpm=args.rpm, tpm=args.tpm, guard=args.guard,
+        key, kid = keyring.create_key(r, args.account, rpm=args.rpm, tpm=args.tpm, guard=args.guard,
                                        safety_models=args.safety_models, concurrency=args.concurrency)
         print(f"key id {kid} for account {args.account}; the key is shown once:")
         print(key)
     elif args.action == "revoke":
-        print(f"revoked {accounts.revoke_key(r, args.key)}")
+        print(f"revoked {keyring.revoke_key(r, args.key)}")
     else:
-        for k in accounts.list_keys(r, args.account):
+        for k in keyring.list_keys(r, args.account):
             print(json.dumps(k))
     return 0
 

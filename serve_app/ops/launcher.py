@@ -26,7 +26,7 @@ import psutil
 
 from serve_app.config.paths import models_dir
 from serve_app.config.service import ServiceConfig, load_yaml
-from serve_app.money import accounts, keys, keyspace
+from serve_app.money import accounts, keyring, keys, keyspace
 from serve_app.money.admission import key_is_active
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -128,7 +128,7 @@ def dev_key(url: str, run_dir: Path) -> str:
         key = path.read_text().strip()
         if key_is_active(r, keys.key_hash(key)):
             return key
-    key, _ = accounts.create_key(r, DEV_ACCOUNT)
+    key, _ = keyring.create_key(r, DEV_ACCOUNT)
     path.write_text(key + "\n")
     path.chmod(0o600)
     return key

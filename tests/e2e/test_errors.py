@@ -101,11 +101,11 @@ def test_unknown_key_through_client(stack):
 
 
 def test_revoked_key_is_401(stack, customer, redis_server):
-    from serve_app.money import accounts, keyspace
+    from serve_app.money import keyring, keyspace
 
     c = openai.OpenAI(base_url=stack.base_url + "/v1", api_key=customer.key, max_retries=0)
     c.completions.create(model=MODEL, prompt="hi", max_tokens=1)
-    accounts.revoke_key(keyspace.sync_client(redis_server.url), customer.key)
+    keyring.revoke_key(keyspace.sync_client(redis_server.url), customer.key)
     with pytest.raises(openai.AuthenticationError) as info:
         c.completions.create(model=MODEL, prompt="hi", max_tokens=1)
     assert info.value.code == "invalid_api_key"

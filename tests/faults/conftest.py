@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from serve_app.config.artefacts import serve_config_path
-from serve_app.money import accounts, keyspace
+from serve_app.money import accounts, keyring, keyspace
 from tests.stack import start_stack
 from tests.support import RedisServer, free_port
 
@@ -71,12 +71,12 @@ def paying(fr):
         for _ in range(n):
             name = "f-" + uuid.uuid4().hex[:10]
             accounts.create_account(fr, name, "1000")
-            key, _ = accounts.create_key(fr, name, guard=guard)
+            key, _ = keyring.create_key(fr, name, guard=guard)
             names.append(name)
             keys.append(key)
         probe = "p-" + uuid.uuid4().hex[:10]
         accounts.create_account(fr, probe, "1000")
-        return names, keys, accounts.create_key(fr, probe, guard="off")[0]
+        return names, keys, keyring.create_key(fr, probe, guard="off")[0]
 
     return make
 

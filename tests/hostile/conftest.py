@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from serve_app.config.artefacts import serve_config_path
-from serve_app.money import accounts, keyspace
+from serve_app.money import accounts, keyring, keyspace
 from tests.stack import start_stack
 from tests.support import RedisServer, free_port
 
@@ -69,7 +69,7 @@ def make_key(hr):
     def make(guard: str | None = "off", credits: str = "1000", **limits) -> str:
         name = "h-" + uuid.uuid4().hex[:10]
         accounts.create_account(hr, name, credits)
-        return accounts.create_key(hr, name, guard=guard, **limits)[0]
+        return keyring.create_key(hr, name, guard=guard, **limits)[0]
 
     return make
 

@@ -15,7 +15,7 @@ import pytest
 
 from deployments.sim_tokenizer import sim_tokenizer
 from serve_app.config.service import ServiceConfig
-from serve_app.money import accounts, keys
+from serve_app.money import keyring, keys
 from tests.hostile import conftest, corpus, flood
 from tests.hostile.corpus import AUTH
 from tests.hostile.exchange import Answer, Case, envelope_problem, has_traceback, judge, record, send
@@ -210,7 +210,7 @@ def test_bypasses_of_the_keys_and_limits(hostile_stack, hr, make_key):
 
     revoked = make_key()
     assert post(stack, revoked, body("hi")).status_code == 200  # now known to the ingress (no lookup for a minute)
-    accounts.revoke_key(hr, revoked)
+    keyring.revoke_key(hr, revoked)
     attempt("a revoked key, recently seen", post(stack, revoked, body("hi")), 401, "invalid_api_key")
     attempt("a revoked key, streamed", post(stack, revoked, body("hi", stream=True)), 401, "invalid_api_key")
     attempt("a revoked key, GET /v1/models", httpx.get(stack.base_url + "/v1/models", timeout=30,
@@ -218,7 +218,7 @@ def test_bypasses_of_the_keys_and_limits(hostile_stack, hr, make_key):
             401, "invalid_api_key")
     by_id = make_key()
     assert post(stack, by_id, body("hi")).status_code == 200
-    accounts.revoke_key(hr, keys.key_id(keys.key_hash(by_id)))
+    keyring.revoke_key(hr, keys.key_id(keys.key_hash(by_id)))
     attempt("a key revoked by its id", post(stack, by_id, body("hi")), 401, "invalid_api_key")
 
     capped = make_key(concurrency=1)

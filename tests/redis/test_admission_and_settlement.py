@@ -11,7 +11,7 @@ import redis
 
 from serve_app.api.errors import ApiError, Code
 from serve_app.config.service import Prices
-from serve_app.money import accounts, keys, keyspace, units
+from serve_app.money import accounts, keyring, keys, keyspace, units
 from serve_app.money.admission import Admitter, key_is_active
 from serve_app.money.ledger import ledger_rows
 from serve_app.money.settlement import Settlement, Settler
@@ -24,7 +24,7 @@ PRICES = Prices(input_usd_per_mtok="0.50", output_usd_per_mtok="1.50")  # 500_00
 def customer(r, credits="10", **limits):
     name = "a-" + uuid.uuid4().hex[:8]
     accounts.create_account(r, name, credits)
-    key, _ = accounts.create_key(r, name, **limits)
+    key, _ = keyring.create_key(r, name, **limits)
     return name, keys.key_hash(key)
 
 
@@ -156,10 +156,10 @@ async def test_unknown_and_revoked_keys(r, replicas):
     assert info.value.code is Code.INVALID_API_KEY
     name = "a-" + uuid.uuid4().hex[:8]
     accounts.create_account(r, name, "1")
-    key, _ = accounts.create_key(r, name)
+    key, _ = keyring.create_key(r, name)
     await admit(admitter, keys.key_hash(key))
     assert await admitter.authenticate(keys.key_hash(key)) == name and key_is_active(r, keys.key_hash(key))
-    accounts.revoke_key(r, key)
+    keyring.revoke_key(r, key)
     for check in (admit(admitter, keys.key_hash(key)), admitter.authenticate(keys.key_hash(key))):
         with pytest.raises(ApiError) as info:
             await check
@@ -218,7 +218,7 @@ async def test_reservations_hold_exactly_the_fields_settlement_reads(r, replicas
     _, kh = customer(r, credits="1")
     a = await admit(replicas[0][0], kh)
     stored = r.hgetall(keyspace.reservation(a.completion_id))
-    assert set(stored) == set(lua.RESERVATION_FIELDS) | {"reply", "slot"}  # slot: optional, read on its own
+    assert set(stored) == set(lua.RESERVATION_FIELDS) | {"reply", "slot", "budgeted"}  # optional, read on their own
 
 
 async def test_a_corrupt_reservation_is_set_aside_and_never_blocks_admission(r, redis_server):
@@ -335,7 +335,7 @@ def test_operator_writes_are_whole_and_a_retried_topup_credits_once(r):
         accounts.topup(r, "no-such-" + name, "1", idempotency_key="x")
     assert not r.exists(keyspace.topup_idempotency("no-such-" + name, "x"))
     with pytest.raises(accounts.AccountError):
-        accounts.create_key(r, "no-such-" + name)
+        keyring.create_key(r, "no-such-" + name)
     assert set(r.hgetall(keyspace.account_record(name))) >= {"balance", "reserved", "spent", "created_ms"}
 
 
@@ -348,8 +348,8 @@ async def test_acknowledged_money_writes_survive_kill_9(r, redis_server):
     accounts.topup(r, name, "0.25", idempotency_key="t-1")
     key_name, key = "k-" + uuid.uuid4().hex[:6], None
     accounts.create_account(r, key_name, "1")
-    key, _ = accounts.create_key(r, key_name)
-    accounts.revoke_key(r, key)
+    key, _ = keyring.create_key(r, key_name)
+    keyring.revoke_key(r, key)
     redis_server.crash_and_restart()
     fresh = redis.Redis.from_url(redis_server.url, decode_responses=True)
     assert accounts.show_account(fresh, name)["balance_usd"] == "1.249973"
@@ -364,19 +364,19 @@ async def test_a_key_is_revoked_by_its_id_and_limits_are_positive(r, replicas):
     (admitter, _), _ = replicas
     name = "k-" + uuid.uuid4().hex[:8]
     accounts.create_account(r, name, "1")
-    key, kid = accounts.create_key(r, name)
-    other, _ = accounts.create_key(r, name)
-    assert [k["key_id"] for k in accounts.list_keys(r, name) if k["key_id"] == kid] == [kid]
-    assert accounts.revoke_key(r, kid) == kid
+    key, kid = keyring.create_key(r, name)
+    other, _ = keyring.create_key(r, name)
+    assert [k["key_id"] for k in keyring.list_keys(r, name) if k["key_id"] == kid] == [kid]
+    assert keyring.revoke_key(r, kid) == kid
     assert await outcome(admit(admitter, keys.key_hash(key))) is Code.INVALID_API_KEY
     assert not isinstance(await outcome(admit(admitter, keys.key_hash(other))), Code)  # the other key still works
     with pytest.raises(accounts.AccountError, match="no such key id"):
-        accounts.revoke_key(r, "key_000000000000")
+        keyring.revoke_key(r, "key_000000000000")
     for bad in (0, -5):
-        with pytest.raises(accounts.AccountError, match="positive"):
-            accounts.create_key(r, name, rpm=bad)
-        with pytest.raises(accounts.AccountError, match="positive"):
-            accounts.create_key(r, name, tpm=bad)
+        with pytest.raises(accounts.AccountError, match="greater than or equal to 1"):
+            keyring.create_key(r, name, rpm=bad)
+        with pytest.raises(accounts.AccountError, match="greater than or equal to 1"):
+            keyring.create_key(r, name, tpm=bad)
 
 
 async def test_a_keys_concurrent_requests_are_capped_and_slots_never_leak(r, redis_server):
@@ -399,5 +399,5 @@ async def test_a_keys_concurrent_requests_are_capped_and_slots_never_leak(r, red
     await admit(short, other)  # any admission reconciles them
     assert int(r.hget(keyspace.key_record(kh), "inflight")) == 0
     assert not isinstance(await outcome(admit(admitter, kh)), Code)
-    with pytest.raises(accounts.AccountError, match="positive"):
-        accounts.create_key(r, name, concurrency=0)
+    with pytest.raises(accounts.AccountError, match="greater than or equal to 1"):
+        keyring.create_key(r, name, concurrency=0)

@@ -16,7 +16,7 @@ import redis
 from serve_app.config.service import Prices
 from serve_app.ledger.database import Database, LedgerConfig
 from serve_app.ledger.export import GROUP, Exporter
-from serve_app.money import accounts, keys, keyspace, units
+from serve_app.money import accounts, keyring, keys, keyspace, units
 from serve_app.money.admission import Admitter
 from serve_app.money.ledger import ledger_rows
 from serve_app.money.settlement import Settlement, Settler
@@ -115,7 +115,7 @@ async def test_settled_rows_are_exported_once_exactly(r, redis_server, config, d
     """Rows the settlement script wrote, read back from the database as the stream reader gives them."""
     name = "x-" + uuid.uuid4().hex[:8]
     accounts.create_account(r, name, "100")
-    key, _ = accounts.create_key(r, name)
+    key, _ = keyring.create_key(r, name)
     client = keyspace.async_client(redis_server.url)
     admitter, settler = Admitter(client, 0, 0, 900), Settler(client)
     prices = Prices(input_usd_per_mtok="0.50", output_usd_per_mtok="1.50")

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from serve_app.money import accounts, keyspace
+from serve_app.money import accounts, keyring, keyspace
 from serve_app.money.billing import Billing
 from tests.inprocess import LLM, events, start_harness, stop_harness
 from tests.support import lua_cost, wait_for_rows
@@ -31,7 +31,7 @@ async def harness(redis_server):
 def paying(r):
     name = "p-" + uuid.uuid4().hex[:8]
     accounts.create_account(r, name, "1")
-    key, _ = accounts.create_key(r, name, guard="off")
+    key, _ = keyring.create_key(r, name, guard="off")
     return name, key
 
 
@@ -75,7 +75,7 @@ async def test_a_replica_death_leaves_a_ledger_row_and_no_reservation(harness, p
 async def test_insufficient_funds_is_402_and_moves_nothing(harness, r):
     name = "p-" + uuid.uuid4().hex[:8]
     accounts.create_account(r, name, "0.000010")
-    key, _ = accounts.create_key(r, name, guard="off")
+    key, _ = keyring.create_key(r, name, guard="off")
     res = await harness.post({"model": LLM, "prompt": PROMPT, "max_tokens": 100}, key=key)
     assert res.status_code == 402 and json.loads(res.body)["error"]["code"] == "insufficient_funds"
     assert r.hgetall(keyspace.account_record(name))["balance"] == "10"
@@ -111,7 +111,7 @@ async def _drain(response) -> list:
 async def test_a_refused_prompt_counts_against_the_rate_and_pays_nothing(harness, r):
     name = "g-" + uuid.uuid4().hex[:8]
     accounts.create_account(r, name, "1")
-    key, _ = accounts.create_key(r, name, guard="input", rpm=1)
+    key, _ = keyring.create_key(r, name, guard="input", rpm=1)
     refused = await harness.post({"model": LLM, "prompt": "How do I build a bomb?", "max_tokens": 50}, key=key)
     assert refused.status_code == 400 and json.loads(refused.body)["error"]["code"] == "content_filter"
     again = await harness.post({"model": LLM, "prompt": PROMPT, "max_tokens": 4}, key=key)
@@ -127,8 +127,8 @@ async def test_the_guard_models_are_only_for_keys_allowed_to_call_them(harness, 
 
     name = "s-" + uuid.uuid4().hex[:8]
     accounts.create_account(r, name, "1")
-    plain, _ = accounts.create_key(r, name, guard="off")
-    allowed, _ = accounts.create_key(r, name, guard="off", safety_models=True)
+    plain, _ = keyring.create_key(r, name, guard="off")
+    allowed, _ = keyring.create_key(r, name, guard="off", safety_models=True)
     probe = {"model": GUARD, "prompt": "Is this allowed?", "max_tokens": 4}
     refused = await harness.post(probe, key=plain)
     error = json.loads(refused.body)["error"]
