@@ -16,6 +16,7 @@ class Code(str, Enum):
     SERVICE_UNAVAILABLE = "service_unavailable"
     NOT_FOUND = "not_found"
     CONTENT_FILTER = "content_filter"
+    CONFLICT = "conflict"  # the admin API: the thing exists already, or an idempotency key was used otherwise
 
 
 STATUS = {
@@ -25,6 +26,7 @@ STATUS = {
     Code.INSUFFICIENT_FUNDS: 402,
     Code.NOT_FOUND: 404,
     Code.CONTENT_FILTER: 400,
+    Code.CONFLICT: 409,
     Code.RATE_LIMIT_EXCEEDED: 429,
     Code.UPSTREAM_ERROR: 502,
     Code.SERVICE_UNAVAILABLE: 503,
@@ -37,6 +39,7 @@ TYPES = {
     Code.INSUFFICIENT_FUNDS: "insufficient_funds",
     Code.NOT_FOUND: "invalid_request_error",
     Code.CONTENT_FILTER: "invalid_request_error",
+    Code.CONFLICT: "invalid_request_error",
     Code.RATE_LIMIT_EXCEEDED: "rate_limit_error",
     Code.UPSTREAM_ERROR: "upstream_error",
     Code.SERVICE_UNAVAILABLE: "service_unavailable",

@@ -244,6 +244,12 @@ class Database:
             records = cur.fetchall()
         return [stream_ledger.row(r[0], dict(zip(COLUMNS, r[1:]))) for r in records]
 
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """A read-only query (the reports in `ledger/reports.py`)."""
+        with self._transaction(write=False) as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+
     def total_micros(self, account: str) -> int:
         with self._transaction(write=False) as cur:
             cur.execute(f"SELECT COALESCE(SUM(cost_micros), 0) FROM ledger WHERE account = {self.param}", (account,))

@@ -193,7 +193,7 @@ def stop_descendants(grace_s: float = 10) -> None:
 
 
 def serve_forever(config_path: Path, port: int | None, redis_url: str | None, run_dir: Path,
-                  num_cpus: int, startup_timeout_s: float) -> int:
+                  num_cpus: int, startup_timeout_s: float, admin_port: int = 8101) -> int:
     # Ray Serve's throughput-optimized mode: the ingress replica serves HTTP itself (no proxy hop) and handles
     # talk gRPC (README, Performance). Set before Ray is imported anywhere in this process.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
@@ -240,6 +240,8 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
             "-H 'Content-Type: application/json' "
             "-d '{\"model\": \"qbt-dev-llm\", \"prompt\": \"The capital of Canada is\", \"max_tokens\": 16, "
             "\"temperature\": 0}'")
+        if admin_port:
+            start_admin(url, run_dir, admin_port, local_ledger(_app_args(serve_config), run_dir))
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -247,6 +249,43 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
         return 0
     finally:
         shutdown(redis_proc)
+
+
+def start_admin(url: str, run_dir: Path, port: int, ledger: dict) -> subprocess.Popen | None:
+    """The admin API and console (`qbt admin serve`) on loopback, with a local admin token kept in
+    `.run/admin-token`; a child process, stopped with the rest of the tree."""
+    from serve_app.admin import tokens
+
+    if not port_free("127.0.0.1", port):
+        say(f"warning: port {port} is taken; the admin API and console are not started (--admin-port)")
+        return None
+    r = keyspace.sync_client(url)
+    path = run_dir / "admin-token"
+    if not (path.exists() and tokens.actor(r, "Bearer " + path.read_text().strip())):
+        path.write_text(tokens.create(r, "local-operator") + "\n")
+        path.chmod(0o600)
+    command = [sys.executable, "-m", "serve_app.ops.cli", "--redis-url", url, "admin", "serve", "--port", str(port),
+               "--database", ledger["database"]]
+    if ledger.get("password_file"):
+        command += ["--password-file", str(ledger["password_file"])]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                say(f"warning: the admin API exited with {proc.returncode}; run `qbt admin serve` to see why")
+                return None
+            time.sleep(0.2)
+    say(f"admin API and console on http://127.0.0.1:{port}/  admin token in {path} "
+        f"(sign in with it; more: qbt admin tokens create --name NAME)")
+    return proc
+
+
+def _app_args(serve_config: dict) -> dict:
+    apps = serve_config.get("applications") or [{}]
+    return apps[0].get("args") or {}
 
 
 def port_free(host: str, port: int) -> bool:
