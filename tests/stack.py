@@ -28,6 +28,7 @@ class Stack:
     metrics_url: str
     ray_tmp: Path
     run_dir: Path
+    admin_url: str = ""
     stopped: list[str] = field(default_factory=list)
 
     def descendants(self) -> list[psutil.Process]:
@@ -71,7 +72,9 @@ def start_stack(redis_url: str, tmp_path_factory, config: Path | None = None) ->
     ray_tmp = tmp_path_factory.mktemp("ray")
     env = dict(os.environ, REDIS_URL=redis_url, QBT_METRICS_PORT=str(metrics_port),
                QBT_RAY_TEMP_DIR=str(ray_tmp), OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="500")
-    args = [str(BIN / "qbt"), "serve", "--port", str(port), "--run-dir", str(run_dir)]
+    admin_port = free_port()
+    args = [str(BIN / "qbt"), "serve", "--port", str(port), "--run-dir", str(run_dir), "--admin-port",
+            str(admin_port)]
     if config is not None:
         args += ["--config", str(config)]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -85,4 +88,4 @@ def start_stack(redis_url: str, tmp_path_factory, config: Path | None = None) ->
             proc.kill()
             pytest.fail("qbt serve did not become ready:\n" + "".join(lines[-40:]))
     return Stack(f"http://127.0.0.1:{port}", redis_url, proc, log_path, f"http://127.0.0.1:{metrics_port}/metrics",
-                 ray_tmp, run_dir)
+                 ray_tmp, run_dir, f"http://127.0.0.1:{admin_port}")
