@@ -45,8 +45,9 @@ for _, rid in ipairs(expired) do
       redis.call('HINCRBY', acct, 'completion_tokens', dc)
     end
     ledger_row(KEYS[2], rid, r, dp, dc, cost, '$expired', now)
+    local budgeted = budget_record(rk)
     redis.call('DEL', rk)
-    mark_expired(rid, cost, dp, dc)
+    mark_expired(rid, cost, dp, dc, budgeted)
   elseif state == 'corrupt' then
     set_aside(rk, rid)
   end

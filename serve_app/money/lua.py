@@ -69,16 +69,26 @@ local function budget_spent(window, spent, period)
   return tonumber(spent) or 0
 end
 
--- A settled (or reconciled) request of a budgeted key: its hold is released and its charge counted in the period
--- of the settlement.
+-- A request of a budgeted key ends: its hold is released and its charge counted in the period of the settlement.
+local function budget_charge(keyrec, held, charged)
+  local k = redis.call('HMGET', keyrec, 'budget_reserved', 'budget_period', 'budget_window', 'budget_spent')
+  if not k[2] then return end  -- the key is gone
+  held = math.min(held, tonumber(k[1]) or 0)
+  redis.call('HSET', keyrec, 'budget_reserved', (tonumber(k[1]) or 0) - held,
+    'budget_window', period_start(k[2], now), 'budget_spent', budget_spent(k[3], k[4], k[2]) + charged)
+end
+
+-- The key record a budgeted reservation counts against, or '' (also kept in an expired reservation's marker, so
+-- that a late settlement counts its rest against the budget too).
+local function budget_record(rk)
+  local b = redis.call('HMGET', rk, 'budgeted', 'keyrec')
+  if b[1] == '1' and b[2] then return b[2] end
+  return ''
+end
+
 local function settle_budget(rk, charged)
-  local b = redis.call('HMGET', rk, 'budgeted', 'keyrec', 'reserved')
-  if b[1] ~= '1' or not b[2] then return end
-  local k = redis.call('HMGET', b[2], 'budget_reserved', 'budget_period', 'budget_window', 'budget_spent')
-  local held = math.min(tonumber(b[3]) or 0, tonumber(k[1]) or 0)
-  local window = period_start(k[2] or 'total', now)
-  redis.call('HSET', b[2], 'budget_reserved', (tonumber(k[1]) or 0) - held, 'budget_window', window,
-    'budget_spent', budget_spent(k[3], k[4], k[2]) + charged)
+  local keyrec = budget_record(rk)
+  if keyrec ~= '' then budget_charge(keyrec, tonumber(redis.call('HGET', rk, 'reserved')) or 0, charged) end
 end
 """
 
@@ -147,20 +157,21 @@ end
 
 -- A reservation reconciled as expired leaves a marker for a day, with what the reconciliation charged: the
 -- settlement that arrives after it charges the rest, late, once (it deletes the marker).
-local function mark_expired(rid, charged, prompt, completion)
-  redis.call('SET', '$done_prefix' .. rid, cjson.encode({charged, prompt, completion}), 'EX', 86400)
+local function mark_expired(rid, charged, prompt, completion, keyrec)
+  redis.call('SET', '$done_prefix' .. rid, cjson.encode({charged, prompt, completion, keyrec}), 'EX', 86400)
 end
 
--- (charged, prompt, completion) of a marker, or nil when there is none ('expired' is a marker of an older release).
+-- (charged, prompt, completion, budgeted key record or '') of a marker, or nil when there is none ('expired' is a
+-- marker of an older release).
 local function read_expired(rid)
   local marker = redis.call('GET', '$done_prefix' .. rid)
   if not marker then return nil end
-  if marker == 'expired' then return {0, 0, 0} end
+  if marker == 'expired' then return {0, 0, 0, ''} end
   local ok, v = pcall(cjson.decode, marker)
   if not ok or type(v) ~= 'table' or not tonumber(v[1]) or not tonumber(v[2]) or not tonumber(v[3]) then
-    return {0, 0, 0}
+    return {0, 0, 0, ''}
   end
-  return {tonumber(v[1]), tonumber(v[2]), tonumber(v[3])}
+  return {tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), type(v[4]) == 'string' and v[4] or ''}
 end
 """
 

@@ -27,7 +27,7 @@ if state == 'corrupt' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   return {'corrupt', 0}
 end
-local reserved, before = 0, {0, 0, 0}
+local reserved, before = 0, {0, 0, 0, ''}
 if state == 'missing' then
   -- Reconciled as expired while the request ran on: charge the rest of what it produced, late, once. Otherwise a
   -- replay.
@@ -48,6 +48,7 @@ end
 -- After a reconciliation that charged part (what was checkpointed), this row carries the rest.
 cost = math.max(cost - before[1], 0)
 if state == 'ok' then settle_budget(KEYS[1], cost) end
+if state == 'missing' and before[4] ~= '' then budget_charge(before[4], 0, cost) end  -- its hold went at expiry
 prompt, completion = math.max(prompt - before[2], 0), math.max(completion - before[3], 0)
 local acct = '$account_prefix' .. r.account
 redis.call('HINCRBY', acct, 'reserved', 0 - reserved)

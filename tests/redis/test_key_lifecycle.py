@@ -173,3 +173,30 @@ def test_a_retried_create_of_a_key_for_no_account_changes_nothing(r):
     with pytest.raises(accounts.NotFound):
         keyring.create_key(r, "no-such-" + uuid.uuid4().hex[:6])
     assert r.xlen(keyspace.AUDIT) == before
+
+
+async def test_a_late_settlement_after_expiry_counts_against_the_budget_too(r, redis_server):
+    """An ingress that died mid-stream: the reconciliation charges what was checkpointed and releases the hold; the
+    settlement that still arrives charges the rest. The key's budget counts both, as the account pays both."""
+    from deployments.wire import Usage
+    from serve_app.money.admission import Admitter
+    from serve_app.money.leases import Leases
+    from serve_app.money.settlement import Settler
+
+    name = account(r)
+    key, _ = keyring.create_key(r, name, budget_usd="1", budget_period="total")
+    kh = keys.key_hash(key)
+    client = keyspace.async_client(redis_server.url)
+    short, settler, leases = Admitter(client, 0, 0, reservation_ttl_s=0.3), Settler(client), Leases(client, 0.3)
+    streaming = await admit(short, kh)
+    streaming.delivered = Usage(6, 9)
+    leases.held[streaming.completion_id] = streaming
+    await leases.renew()
+    await asyncio.sleep(0.4)
+    other = await admit(short, kh)  # reconciles the first as expired
+    await settle(settler, streaming, completion=16)  # late: the rest
+    await settle(settler, other, completion=16)
+    spent = accounts.show_account(r, name)["spent_usd"]
+    assert spent == f"0.{2 * WORST:06d}"
+    assert keyring.list_keys(r, name)[0]["budget_spent_usd"] == spent
+    assert int(r.hget(keyspace.key_record(kh), "budget_reserved")) == 0
