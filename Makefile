@@ -21,9 +21,10 @@ install: $(STAMP)
 dev-models: install
 	$(BIN)/qbt dev-models
 
-# Redis (and PostgreSQL for the tests) from Debian's packages when missing; the project starts its own instances.
+# Redis (and, for the tests, PostgreSQL, Node, promtool and Chromium) from Debian's packages when missing; the project
+# starts its own instances.
 servers:
-	@bash .ci/servers redis postgresql node
+	@bash .ci/servers redis postgresql node promtool chromium
 
 serve: install
 	@bash .ci/servers redis

@@ -1,6 +1,7 @@
 """The artefacts built from the catalog: a Serve config per profile and, for `prod`, the KubeRay RayService, its
-NetworkPolicies and the gateway Service (the entry point). One source of truth; the checked-in artefacts are tested
-for drift (`qbt config build --check`)."""
+NetworkPolicies, the gateway Service (the entry point), and Prometheus's PodMonitor and alert rules; with the Grafana
+dashboard, cluster/kustomization.yaml applies them all. One source of truth; the checked-in artefacts are tested for
+drift (`qbt config build --check`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from serve_app.config import kuberay
+from serve_app.config import kuberay, monitoring
 from serve_app.config.catalog import Catalog, load
 from serve_app.config.paths import CLUSTER
 
@@ -31,4 +32,6 @@ def build(name: str, catalog: Catalog | None = None) -> dict[Path, str]:
         out[kuberay.MANIFEST] = kuberay.render(catalog, catalog.serve_config(name))
         out[kuberay.NETWORK_POLICY] = kuberay.render_network_policies()
         out[kuberay.GATEWAY_SERVICE] = kuberay.render_gateway_service()
+        out[monitoring.POD_MONITOR] = monitoring.render_pod_monitor()
+        out[monitoring.RULES] = monitoring.render_prometheus_rule()
     return out

@@ -1,5 +1,6 @@
 """The exporter as a Serve deployment: one replica running `Exporter.run` in a daemon thread, so that Serve restarts
-it where it died; `lag` reports the backlog for health and metrics."""
+it where it died; `lag` reports the backlog for health, and the metrics the alerts watch (backlog, export lag,
+Redis reachability, expired reservations) are set every REPORT_S."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import asyncio
 import threading
 
 from ray import serve
+from redis.exceptions import RedisError
 
 from serve_app.ledger.database import Database, LedgerConfig
 from serve_app.ledger.export import Exporter
 from serve_app.money import keyspace
 from serve_app.telemetry.logs import configure_logging
+from serve_app.telemetry.metrics import ExporterMetrics
 
 REPORT_S = 5
 
@@ -29,19 +32,28 @@ class LedgerExporter:
         self.thread = threading.Thread(target=self.exporter.run, args=(self.stop,), name="qbt-ledger-export",
                                        daemon=True)
         self.thread.start()
-        from ray.serve.metrics import Gauge
-
-        self.unexported = Gauge("qbt_ledger_unexported_rows", "Ledger rows in Redis not yet in the database.")
+        self.metrics = ExporterMetrics()
         self.reporter = asyncio.get_running_loop().create_task(self._report())
 
     async def _report(self) -> None:
-        """The export backlog as a gauge, every few seconds (alerting on a stalled export needs no request)."""
+        """The export's backlog and lag and Redis's reachability as gauges, and the expired reservations the export
+        has stored, every few seconds (alerting on any of them needs no request)."""
         while True:
             try:
-                self.unexported.set((await self.lag())["unexported"])
-            except Exception:  # Redis away: the exporter logs it; the gauge keeps its last value
+                unexported, lag_s = await asyncio.to_thread(self._sample)
+            except RedisError:  # the exporter logs it; the backlog's gauges keep their last values
+                self.metrics.redis_up.set(0)
+            except Exception:  # not Redis's fault (the exporter logs what stops the export)
                 pass
+            else:
+                self.metrics.redis_up.set(1)
+                self.metrics.unexported.set(unexported)
+                self.metrics.export_lag.set(lag_s)
+            self.metrics.expired.set(self.exporter.expired)
             await asyncio.sleep(REPORT_S)
+
+    def _sample(self) -> tuple[int, float]:
+        return self.exporter.lag()["unexported"], self.exporter.export_lag_s()
 
     async def lag(self) -> dict:
         return await asyncio.to_thread(self.exporter.lag)

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from serve_app.ledger.database import Database, LedgerConfig, MalformedRow, Reject, parse_entry
 from serve_app.money.keyspace import LEDGER
+from serve_app.money.status import Status
 
 # The consumer group. Defined here, not in `money/keyspace.py`: only the exporter reads the stream through it.
 GROUP = "qbt-exporter"
@@ -59,6 +60,7 @@ class Exporter:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.exported = 0  # rows this exporter inserted (new to the database)
         self.rejected = 0  # entries it set aside into the `ledger_rejects` table (durable there, for the operator)
+        self.expired = 0  # rows of reservations reconciled as expired among the batches it stored (for the metric)
 
     def ensure_group(self) -> None:
         try:
@@ -90,6 +92,7 @@ class Exporter:
             self.redis.xack(LEDGER, GROUP, *entries)
             self.exported += inserted
             self.rejected += len(rejects)
+            self.expired += sum(row["status"] == Status.EXPIRED.value for row in rows)
             for reject in rejects:
                 log.warning("ledger entry %s set aside in ledger_rejects: %s", reject.ledger_id, reject.reason)
             log.debug("ledger: %d entries acknowledged, %d new rows", len(entries), inserted)
@@ -162,6 +165,32 @@ class Exporter:
         unexported = length if undelivered is None else min(pending + undelivered, length)
         return {"unexported": unexported, "pending": pending, "stream_length": length, "exported": self.exported,
                 "rejected": self.rejected}
+
+    def oldest_unexported_ms(self) -> int | None:
+        """When (Redis's clock in ms: the entry id's first half) the oldest entry not yet acknowledged was appended:
+        the group's oldest pending entry or the first one after its last delivered; None when every entry is
+        exported. Acknowledged entries that `retain_rows` keeps are not counted."""
+        try:
+            groups = self.redis.xinfo_groups(LEDGER)
+        except ResponseError:  # no stream yet
+            return None
+        group = next((g for g in groups if g["name"] == GROUP), None)
+        oldest = []
+        if group is not None and group["pending"]:
+            oldest.append(self.redis.xpending(LEDGER, GROUP)["min"])
+        first = self.redis.xrange(LEDGER, next_id(group["last-delivered-id"]) if group else "-", "+", count=1)
+        if first:
+            oldest.append(first[0][0])
+        return min(id_key(entry_id)[0] for entry_id in oldest) if oldest else None
+
+    def export_lag_s(self) -> float:
+        """How long the oldest unexported entry has waited, in seconds (0 when there is none), on Redis's clock, the
+        one the entry ids are written with: a stalled export shows as a growing age whatever the traffic."""
+        oldest = self.oldest_unexported_ms()
+        if oldest is None:
+            return 0.0
+        seconds, micros = self.redis.time()
+        return max(seconds + micros / 1e6 - oldest / 1000, 0.0)
 
     def run(self, stop: threading.Event) -> None:
         """Exports until `stop` is set; on a Redis or database error, logs it and retries with a growing delay (up to

@@ -11,13 +11,27 @@ from dataclasses import dataclass, field
 REQUEST_LOG = logging.getLogger("qbt.requests")
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
+# The names the alert rules refer to (serve_app/config/monitoring.py), defined once here.
+RAY_PREFIX = "ray_"  # what Ray puts before an application metric's name in its Prometheus export
+REQUESTS = "qbt_requests_total"
+GUARD_ERRORS = "qbt_guard_errors_total"
+GUARD_LATENCY = "qbt_guard_latency_seconds"
+LEDGER_UNEXPORTED = "qbt_ledger_unexported_rows"
+LEDGER_EXPORT_LAG = "qbt_ledger_export_lag_seconds"
+LEDGER_REDIS_UP = "qbt_ledger_redis_up"
+RESERVATIONS_EXPIRED = "qbt_reservations_expired"
+
+
+def exported(name: str) -> str:
+    """A metric's name as Prometheus sees it."""
+    return RAY_PREFIX + name
 
 
 class IngressMetrics:
     def __init__(self):
         from ray.serve.metrics import Counter, Histogram
 
-        self.requests = Counter("qbt_requests_total", "Completions requests by model, status and error code.",
+        self.requests = Counter(REQUESTS, "Completions requests by model, status and error code.",
                                 tag_keys=("model", "status", "code"))
         self.prompt_tokens = Counter("qbt_prompt_tokens_total", "Prompt tokens processed.", tag_keys=("model",))
         self.completion_tokens = Counter("qbt_completion_tokens_total", "Completion tokens generated.",
@@ -34,8 +48,25 @@ class IngressMetrics:
                               boundaries=TOKEN_BUCKETS, tag_keys=("model",))
         self.duration = Histogram("qbt_request_duration_seconds", "Request duration at the ingress.",
                                   boundaries=LATENCY_BUCKETS, tag_keys=("model", "status"))
-        self.guard_latency = Histogram("qbt_guard_latency_seconds", "Latency of one guard check.",
-                                       boundaries=LATENCY_BUCKETS)
+        self.guard_latency = Histogram(GUARD_LATENCY, "Latency of one guard check.", boundaries=LATENCY_BUCKETS)
+        # One per guard call that got no verdict (timeout, error, no replica); the calls are the latency's count.
+        self.guard_errors = Counter(GUARD_ERRORS, "Guard calls that failed: the guard was unavailable.")
+
+
+class ExporterMetrics:
+    """The ledger exporter's view of its backlog and of Redis, set every few seconds by its deployment, so that
+    alerting on a stalled export, an unreachable Redis or expiring reservations needs no request."""
+
+    def __init__(self):
+        from ray.serve.metrics import Gauge
+
+        self.unexported = Gauge(LEDGER_UNEXPORTED, "Ledger rows in Redis not yet in the database.")
+        self.export_lag = Gauge(LEDGER_EXPORT_LAG, "Age of the oldest ledger row not yet in the database (0: none).")
+        self.redis_up = Gauge(LEDGER_REDIS_UP, "1 while the ledger exporter reaches Redis, 0 while it cannot.")
+        # A gauge set to a count that restarts with the exporter (Prometheus's increase() takes the restart as a
+        # reset): unlike a Ray Counter, it is exported from 0, so the first expiries after a start count too.
+        self.expired = Gauge(RESERVATIONS_EXPIRED, "Reservations that outlived their deadline, settled by admission's "
+                             "reconciliation (ledger rows with status expired), stored since the exporter started.")
 
 
 @dataclass(slots=True)
