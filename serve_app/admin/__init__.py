@@ -1,2 +1,1 @@
-"""The operator's side: the admin HTTP API and its console (`app.py`), admin tokens (`tokens.py`) and the audit log
-(`audit.py`). It runs as its own process (`qbt admin serve`), never on the public port."""
+"""The operator's side, off the public port: the admin HTTP API and console, admin tokens, the audit log."""

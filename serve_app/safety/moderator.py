@@ -73,6 +73,8 @@ class Moderator:
         try:
             choices, _ = await asyncio.wait_for(self.route.complete.remote(req), self.timeout_s)
         except Exception as exc:
+            if self.metrics is not None:  # what the guard-unavailable alert counts (cluster/monitoring)
+                self.metrics.guard_errors.inc()
             raise GuardError(f"guard unavailable: {type(exc).__name__}") from exc
         finally:
             if self.metrics is not None:

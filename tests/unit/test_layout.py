@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("serve_app", "deployments")
 # The concerns in dependency order: each may import only those before it (and deployments' wire types).
-LAYERS = ("telemetry", "api", "safety", "money", "ledger", "config", "serving", "ops")
+LAYERS = ("telemetry", "api", "safety", "money", "ledger", "admin", "config", "serving", "ops")
 
 
 def modules() -> dict[str, Path]:
