@@ -35,10 +35,9 @@ class ModelServer:
             self.engine = SimEngine(model_id, SimConfig.model_validate(simulation), on_die=lambda: os._exit(1))
         else:
             from deployments.engine import Engine
-            from deployments.stats import EngineStatsLogger
+            from deployments.stats import stat_loggers
 
-            stats = EngineStatsLogger(model_id)
-            self.engine = Engine(weights_path, model_id, engine_kwargs, stat_loggers=[stats.factory()])
+            self.engine = Engine(weights_path, model_id, engine_kwargs, stat_loggers=stat_loggers())
         await self.engine.start()
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[tuple]:

@@ -10,9 +10,9 @@ from typing import Any
 
 from serve_app.api.errors import ApiError, Code, upstream
 from serve_app.safety.gate import StreamGate
-from serve_app.safety.moderator import Moderator, moderate_choices
+from serve_app.safety.moderator import CONTENT_FILTER, Moderator, moderate_choices
 from serve_app.safety.policy import GuardError, GuardPolicy
-from serve_app.telemetry.tracing import child, traced
+from serve_app.telemetry.tracing import guardrail, judged
 
 log = logging.getLogger("qbt.safety")
 OFF = GuardPolicy()
@@ -55,8 +55,9 @@ class SafetyStage:
     def screen(self, policy: GuardPolicy, texts: list[str], n: int, span, request_id: str) -> Screening:
         screening = Screening(self, policy, texts, n, span, request_id)
         if policy.mode.checks_input:
-            screening.input_check = asyncio.create_task(
-                traced(child("qbt.guard.input", span), self.moderator.check_prompts(texts)))
+            screening.input_check = asyncio.create_task(judged(
+                guardrail(span, "input", self.moderator.route.spec.id), self.moderator.check_prompts(texts),
+                lambda found: (found is not None and found[1].blocks(policy), found and found[1])))
         return screening
 
 
@@ -100,8 +101,9 @@ class Screening:
         if not self.policy.mode.checks_output:
             return choices
         try:
-            return await traced(child("qbt.guard.output", self.span), moderate_choices(
-                self.stage.moderator, self.texts, self.n, choices, self.policy))
+            return await judged(guardrail(self.span, "output", self.stage.moderator.route.spec.id), moderate_choices(
+                self.stage.moderator, self.texts, self.n, choices, self.policy),
+                lambda out: (any(c["finish_reason"] == CONTENT_FILTER for c in out), None))
         except GuardError as exc:
             if (refused := self.failed(exc)) is not None:
                 raise refused from None
@@ -141,9 +143,13 @@ class Gate:
         self.gate.add(choices)
         if not self.gate.due(tokens):
             return []
-        return await traced(child("qbt.guard.output", self.span), self.gate.release(tokens))
+        return await self._release(tokens)
 
     async def finish(self, tokens: int) -> list[dict]:
         if self.blocked:
             return []
-        return await traced(child("qbt.guard.output", self.span), self.gate.release(tokens))
+        return await self._release(tokens)
+
+    def _release(self, tokens: int):
+        return judged(guardrail(self.span, "output", self.gate.moderator.route.spec.id), self.gate.release(tokens),
+                      lambda _: (self.blocked, self.gate.blocked))

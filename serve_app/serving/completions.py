@@ -36,7 +36,7 @@ from serve_app.money.units import micros_to_cost
 from serve_app.serving.endpoints import Completions
 from serve_app.serving.routing import ModelRoute, ModelRouter
 from serve_app.telemetry.metrics import IngressMetrics, RequestRecord, record_request
-from serve_app.telemetry.tracing import carrier_of, child, context_from, traced, tracer
+from serve_app.telemetry.tracing import carrier_of, child, context_from, generation, generation_ended, traced, tracer
 
 log = logging.getLogger("qbt.completions")
 SETTLE_WAIT_S = 3.0  # how long a response waits for its settlement before answering anyway
@@ -50,6 +50,7 @@ class Outcome:
 
     usage: Usage
     status: Status | None = None
+    ending: Any = None  # the choices returned, or a stream's last item: the trace's finish reasons
 
 
 @dataclass(slots=True)
@@ -70,7 +71,7 @@ class Call:
 
     def start_generation(self) -> None:
         """The generation span, whose context crosses the Serve handle into the model replica."""
-        self.gen_span = child("qbt.generate", self.span, model=self.route.spec.id)
+        self.gen_span = generation(self.span, self.gen, self.route.spec.id, self.record.stream)
         self.gen.trace_context = carrier_of(self.gen_span)
 
     def headers(self) -> dict[str, str]:
@@ -192,7 +193,7 @@ class CompletionPath:
             choices, outcome.usage = await response
             call.record.mark_first_token()
             choices = await call.screening.moderate(choices)
-            outcome.status = Status.OK
+            outcome.status, outcome.ending = Status.OK, choices
         except Exception as exc:
             return await self._refuse(call, outcome, classify(exc, call.route.spec))
         finally:
@@ -272,7 +273,7 @@ class CompletionPath:
                 yield opening
             item = first
             while item is not None:
-                outcome.usage = item.usage
+                outcome.usage, outcome.ending = item.usage, item
                 usage = item.usage.as_dict() if frame.continuous_usage else None
                 if gate is None:
                     yield frame.rendered_chunk(item.rendered, usage) if item.rendered is not None else \
@@ -336,8 +337,7 @@ class CompletionPath:
     async def _settle_now(self, call: Call, outcome: Outcome) -> int | None:
         usage = outcome.usage
         if call.gen_span is not None:
-            call.gen_span.set_attribute("qbt.completion_tokens", usage.completion_tokens)
-            call.gen_span.end()
+            generation_ended(call.gen_span, usage, outcome.status, outcome.ending, call.record)
         charged = await traced(child("qbt.settle", call.span),
                                self.billing.settle(call.admission, usage, outcome.status))
         call.span.set_attribute("qbt.status", outcome.status.value)

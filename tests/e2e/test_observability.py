@@ -9,6 +9,8 @@ import pytest
 
 from tests.support import MODEL, scrape, value, wait_for_rows
 
+GUARD = "qbt-dev-guard"
+
 pytestmark = pytest.mark.e2e
 
 
@@ -19,8 +21,7 @@ def test_metrics_after_traffic(stack, client, http):
     http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     names = ["ray_qbt_requests_total", "ray_qbt_prompt_tokens_total", "ray_qbt_completion_tokens_total",
              "ray_qbt_time_to_first_token_seconds_bucket", "ray_qbt_request_duration_seconds_bucket",
-             "ray_qbt_credit_charged_usd_total", "ray_qbt_engine_kv_cache_usage_ratio",
-             "ray_qbt_engine_running_requests"]
+             "ray_qbt_credit_charged_usd_total", "ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running"]
     text = scrape(stack, names)
     deadline = time.monotonic() + 60
     while value(text, "ray_qbt_requests_total", code="model_not_found") < 1 and time.monotonic() < deadline:
@@ -51,11 +52,17 @@ def spans_of(stack, trace_id: str, names: set[str], timeout: float = 60) -> dict
             for line in path.read_text(errors="replace").splitlines():
                 if trace_id in line and line.lstrip().startswith("{"):
                     span = json.loads(line[line.index("{"):])
-                    found.setdefault(span["name"], span)
+                    found.setdefault(_named(span), span)
         if names <= set(found):
             return found
         time.sleep(1)
     raise AssertionError(f"spans missing: {sorted(names - set(found))}; found {sorted(found)}")
+
+
+def _named(span: dict) -> str:
+    """A span's name, and for the guard's checks (`apply_guardrail <guard>`) whose content: input or output."""
+    source = span.get("attributes", {}).get("gen_ai.guardrail.source")
+    return f"{span['name']} {source}" if source else span["name"]
 
 
 def test_a_streaming_request_is_one_trace_across_the_handle(stack, make_customer):
@@ -67,18 +74,19 @@ def test_a_streaming_request_is_one_trace_across_the_handle(stack, make_customer
                                "traceparent": f"00-{trace_id}-{client_span}-01"}) as res:
         assert res.status_code == 200
         list(res.iter_lines())
-    names = {"qbt.completion", "qbt.admission", "qbt.guard.input", "qbt.generate", "qbt.engine",
-             "qbt.guard.output", "qbt.settle"}
+    guard_in, generate, guard_out = f"apply_guardrail {GUARD} input", f"text_completion {MODEL}", \
+        f"apply_guardrail {GUARD} output"
+    names = {"qbt.completion", "qbt.admission", guard_in, generate, "qbt.engine", guard_out, "qbt.settle"}
     spans = spans_of(stack, trace_id, names)
 
     def sid(name):
         return spans[name]["context"]["span_id"]
 
     assert spans["qbt.completion"]["parent_id"] == "0x" + client_span
-    for name in ("qbt.admission", "qbt.guard.input", "qbt.generate", "qbt.guard.output", "qbt.settle"):
+    for name in ("qbt.admission", guard_in, generate, guard_out, "qbt.settle"):
         assert spans[name]["parent_id"] == sid("qbt.completion"), name
-    assert spans["qbt.engine"]["parent_id"] == sid("qbt.generate")
-    assert [e["name"] for e in spans["qbt.generate"]["events"]] == ["first_token"]
+    assert spans["qbt.engine"]["parent_id"] == sid(generate)
+    assert [e["name"] for e in spans[generate]["events"]] == ["first_token"]
 
 
 def test_the_stack_listens_on_loopback_only(stack):
