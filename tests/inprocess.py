@@ -126,15 +126,17 @@ class FakeBilling:
     settled: list[tuple[str, Usage, Status]] = field(default_factory=list)
     settled_event: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def authenticate(self, key: str) -> str:
+    async def authenticate(self, key: str):
+        from serve_app.money.admission import KeyAccess
+
         if key not in self.keys:
             raise ApiError(Code.INVALID_API_KEY, "Invalid API key")
-        return self.keys[key]
+        return KeyAccess(self.keys[key])
 
     async def credits(self, key: str):
         from serve_app.money.admission import Credits
 
-        return Credits(await self.authenticate(key), 5_000_000, 100 * len(self.admitted) - 0)
+        return Credits((await self.authenticate(key)).account, 5_000_000, 100 * len(self.admitted) - 0)
 
     def recent(self, key: str) -> bool:
         return False

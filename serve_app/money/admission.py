@@ -128,7 +128,7 @@ return reply
 AUTHENTICATE_LUA = lua.script(lua.CLOCK, lua.ACTIVE_KEY, """
 local k = active_key(KEYS[1])
 if not k then return false end
-return k.account
+return {k.account, k.models or ''}
 """)
 
 # `GET /v1/credits`: the key's account, its balance and what in-flight requests hold, read in one trip.
@@ -229,7 +229,11 @@ class Admitter:
 
     async def authenticate(self, key_hash: str) -> str:
         """Key -> account, for endpoints that are authenticated but not metered (`GET /v1/models`)."""
-        return await self._by_key(self._authenticate, key_hash)
+        return (await self.key_access(key_hash)).account
+
+    async def key_access(self, key_hash: str) -> KeyAccess:
+        account, models = await self._by_key(self._authenticate, key_hash)
+        return KeyAccess(str(account), frozenset(str(models).split(",")) if models else None)
 
     async def credits(self, key_hash: str) -> Credits:
         account, balance, reserved = (str(v) for v in await self._by_key(self._credits, key_hash))
@@ -245,6 +249,17 @@ class Admitter:
         if not found:
             raise ApiError(Code.INVALID_API_KEY, INVALID_KEY)
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class KeyAccess:
+    """Whose key it is and which models it may call (None: every model)."""
+
+    account: str
+    models: frozenset[str] | None = None
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True, slots=True)

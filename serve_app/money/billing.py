@@ -10,7 +10,7 @@ from deployments.wire import Usage
 from serve_app.api.chat_protocol import ChatCompletionRequest
 from serve_app.api.protocol import CompletionRequest
 from serve_app.money import keys
-from serve_app.money.admission import Admission, Admitter, Credits, PriceRates
+from serve_app.money.admission import Admission, Admitter, Credits, KeyAccess, PriceRates
 from serve_app.money.leases import Leases
 from serve_app.money.settlement import Settlement, Settler
 from serve_app.money.status import Status
@@ -38,12 +38,12 @@ class Billing:
         return cls(Admitter(redis, default_rpm, default_tpm, reservation_ttl_s, default_concurrency), Settler(redis),
                    Leases(redis, reservation_ttl_s, checkpoint_s))
 
-    async def authenticate(self, key: str) -> str:
+    async def authenticate(self, key: str) -> KeyAccess:
         """Always one lookup (a revoked key is refused at once); the key then counts as seen recently."""
         digest = keys.key_hash(key)
-        account = await self.admitter.authenticate(digest)
+        access = await self.admitter.key_access(digest)
         self._remember(digest)
-        return account
+        return access
 
     def recent(self, key: str) -> bool:
         """Seen (admitted or authenticated) in the last KNOWN_S: the address throttle lets it through."""

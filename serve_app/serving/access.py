@@ -10,17 +10,18 @@ from starlette.requests import Request
 from serve_app.api.errors import ApiError, Code
 from serve_app.api.throttle import AuthFailures, client_address
 from serve_app.money import keys
+from serve_app.money.admission import KeyAccess
 
 
-async def authenticated_key(request: Request, billing, auth_failures: AuthFailures) -> str:
-    """The request's API key once it is known to be valid; raises the contract's ApiError otherwise."""
+async def authenticated_key(request: Request, billing, auth_failures: AuthFailures) -> tuple[str, KeyAccess]:
+    """The request's API key once it is known to be valid, and what it may call; raises the contract's ApiError
+    otherwise."""
     address = client_address(request.scope)
     try:
         key = keys.bearer_key(request.headers.get("authorization"))
         if not billing.recent(key):
             auth_failures.check(address)
-        await billing.authenticate(key)
-        return key
+        return key, await billing.authenticate(key)
     except ApiError as exc:
         if exc.code is Code.INVALID_API_KEY:
             auth_failures.failed(address)

@@ -88,28 +88,24 @@ class Gateway:
                          exception_handlers=EXCEPTION_HANDLERS)
 
     async def models(self, request: Request) -> Response:
-        if (refused := await self._authenticated(request)) is not None:
-            return refused
+        """The models this key may call."""
+        try:
+            _, access = await authenticated_key(request, self.billing, self.auth_failures)
+        except ApiError as exc:
+            return error_response(exc)
         data = [{"id": r.spec.id, "object": "model", "created": self._created, "owned_by": "qubittron",
                  "category": r.spec.category.value, "max_model_len": r.spec.max_model_len, "endpoints": r.endpoints}
-                for r in self.router.routes.values() if r.endpoints]
+                for r in self.router.routes.values() if r.endpoints and access.allows(r.spec.id)]
         return Response(dumps({"object": "list", "data": data}), media_type=JSON)
 
     async def credits(self, request: Request) -> Response:
         """The key's account: balance, what in-flight requests hold, and what is available (decimal strings)."""
         try:
-            found = await self.billing.credits(await authenticated_key(request, self.billing, self.auth_failures))
+            key, _ = await authenticated_key(request, self.billing, self.auth_failures)
+            found = await self.billing.credits(key)
         except ApiError as exc:
             return error_response(exc)
         return Response(dumps(found.as_dict()), media_type=JSON)
-
-    async def _authenticated(self, request: Request) -> Response | None:
-        """None for a valid key; otherwise the error response (`serving/access.py`)."""
-        try:
-            await authenticated_key(request, self.billing, self.auth_failures)
-        except ApiError as exc:
-            return error_response(exc)
-        return None
 
     async def health(self, request: Request) -> Response:
         """200 only when every model deployment answers its engine health check and Redis answers. Models that

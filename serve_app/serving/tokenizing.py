@@ -51,7 +51,7 @@ class TokenizerRoutes:
 
     async def _answer(self, request: Request, work) -> Response:
         try:
-            digest = keys.key_hash(await authenticated_key(request, self.billing, self.auth_failures))
+            digest = keys.key_hash((await authenticated_key(request, self.billing, self.auth_failures))[0])
             self.calls.check(digest)
             self.calls.count(digest)
             async with asyncio.timeout(self.body_read_s):

@@ -58,6 +58,8 @@ def test_a_budgeted_key_made_by_the_operator_stops_at_its_budget(stack, admin):
     with pytest.raises(openai.BadRequestError) as wrong:  # a model the service has, that this key may not use
         customer_client(stack, narrow["key"]).completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
     assert wrong.value.code == "model_not_found" and "this key may not use it" in wrong.value.message
+    assert [m.id for m in customer_client(stack, narrow["key"]).models.list()] == ["qbt-dev-guard"]
+    assert MODEL in [m.id for m in client.models.list()]
 
     # The spend, from the SQL ledger (the exporter moves rows from Redis within seconds).
     deadline = time.monotonic() + 30

@@ -133,6 +133,9 @@ async def test_a_key_calls_only_its_allowed_models(r, replicas):
     key, _ = keyring.create_key(r, name, models=["m", "other"])
     assert (await admit(admitter, keys.key_hash(key))).model == "m"  # `admit` asks for model "m"
     narrow, _ = keyring.create_key(r, name, models=["other"])
+    access = await admitter.key_access(keys.key_hash(narrow))  # what GET /v1/models lists
+    assert access.account == name and access.allows("other") and not access.allows("m")
+    assert (await admitter.key_access(keys.key_hash(key))).models == frozenset({"m", "other"})
     with pytest.raises(ApiError) as info:
         await admit(admitter, keys.key_hash(narrow))
     assert info.value.code is Code.MODEL_NOT_FOUND and info.value.param == "model"
