@@ -1,7 +1,7 @@
 """The artefacts built from the catalog: a Serve config per profile and, for `prod`, the KubeRay RayService, its
-NetworkPolicies, the gateway Service (the entry point), and Prometheus's PodMonitor and alert rules; with the Grafana
-dashboard, cluster/kustomization.yaml applies them all. One source of truth; the checked-in artefacts are tested for
-drift (`qbt config build --check`)."""
+NetworkPolicies, the gateway Service (the entry point), the admin API (its Deployment, Service and NetworkPolicy), and
+Prometheus's PodMonitor and alert rules; with the Grafana dashboard, cluster/kustomization.yaml applies them all. One
+source of truth; the checked-in artefacts are tested for drift (`qbt config build --check`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from serve_app.config import kuberay, monitoring
+from serve_app.config import kuberay, monitoring, operator
 from serve_app.config.catalog import Catalog, load
 from serve_app.config.paths import CLUSTER
 
@@ -32,6 +32,7 @@ def build(name: str, catalog: Catalog | None = None) -> dict[Path, str]:
         out[kuberay.MANIFEST] = kuberay.render(catalog, catalog.serve_config(name))
         out[kuberay.NETWORK_POLICY] = kuberay.render_network_policies()
         out[kuberay.GATEWAY_SERVICE] = kuberay.render_gateway_service()
+        out[operator.MANIFEST] = operator.render(catalog)
         out[monitoring.POD_MONITOR] = monitoring.render_pod_monitor()
         out[monitoring.RULES] = monitoring.render_prometheus_rule()
     return out

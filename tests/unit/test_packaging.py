@@ -1,7 +1,8 @@
 """The packaging holds together. The image's Ray, the manifest's rayVersion and image, and pyproject's pins agree; the
 kustomize base (cluster/kustomization.yaml) builds, lists every generated Kubernetes artefact, references only
-Secrets it documents, and its RayService validates against KubeRay's CRD schema; the alert rules pass
-`promtool check rules` and fire, and stay quiet, as tests/data/alerts-test.yaml expects.
+Secrets it documents, and its RayService validates against KubeRay's CRD schema; the admin API runs the RayService's
+image off the public gateway, behind its own NetworkPolicy, its password in a file; the alert rules pass `promtool
+check rules` and fire, and stay quiet, as tests/data/alerts-test.yaml expects.
 
 The base is built by `kubectl kustomize` where kubectl is on the PATH (it is in this machine image), else rendered
 here (resources and the configMapGenerator: all the base uses). promtool is Debian's (`bash .ci/servers promtool`);
@@ -15,13 +16,15 @@ import shutil
 import subprocess
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from serve_app.config import artefacts, kuberay, monitoring
+from serve_app.config import artefacts, kuberay, monitoring, operator
+from serve_app.config import catalog as catalogs
 from serve_app.config.paths import CLUSTER, ROOT
 from tests.unit.config.conftest import crd_schema
 
@@ -155,7 +158,8 @@ def test_the_base_lists_every_generated_kubernetes_artefact(kustomization):
 
 def test_the_base_builds_into_the_expected_objects(base):
     assert sorted(obj["kind"] for obj in base) == sorted(
-        ["RayService", "Service", "PodMonitor", "PrometheusRule", "ConfigMap"] + ["NetworkPolicy"] * 4)
+        ["RayService", "Service", "PodMonitor", "PrometheusRule", "ConfigMap"] + ["NetworkPolicy"] * 4
+        + ["Deployment", "Service", "NetworkPolicy"])  # the admin API's (cluster/kuberay/admin.yaml)
     assert all(obj["metadata"]["name"] and obj["apiVersion"] for obj in base)
 
 
@@ -211,6 +215,130 @@ def test_the_pod_monitor_scrapes_ray_s_metrics_port_on_every_ray_pod(base):
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     port, = [p for p in head["ports"] if p["containerPort"] == kuberay.METRICS_PORT]
     assert [e["port"] for e in one(base, "PodMonitor")["spec"]["podMetricsEndpoints"]] == [port["name"]]
+
+
+# --- the admin API on the cluster -----------------------------------------------------------------------------------
+
+def named(base: list[dict], kind: str, name: str) -> dict:
+    found = [obj for obj in base if obj["kind"] == kind and obj["metadata"]["name"] == name]
+    assert len(found) == 1, f"one {kind} {name} in the base, found {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def admin(base) -> dict:
+    return named(base, "Deployment", operator.NAME)
+
+
+@pytest.fixture(scope="module")
+def admin_pod(admin) -> dict:
+    return admin["spec"]["template"]
+
+
+@pytest.fixture(scope="module")
+def head_pod(base) -> dict:
+    return one(base, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+def test_the_admin_deployment_runs_the_rayservice_s_image(base, admin, admin_pod):
+    (container,) = admin_pod["spec"]["containers"]
+    assert {container["image"]} == manifest_images(one(base, "RayService")) == {kuberay.image()}
+    assert admin["spec"]["replicas"] == 1
+    assert admin["spec"]["selector"]["matchLabels"] == admin_pod["metadata"]["labels"]
+
+
+def test_the_admin_pod_gets_the_head_s_secrets_the_same_way(base, admin_pod, head_pod):
+    documented = set(re.findall(r"^#\s+(\S+)\s+key (\S+)", KUSTOMIZATION.read_text(), re.MULTILINE))
+    assert secret_names(admin_pod) == {kuberay.REDIS_SECRET["name"], kuberay.POSTGRES_SECRET["name"]}
+    assert secret_names(admin_pod) <= {name for name, _ in documented}
+    (container,), (head,) = admin_pod["spec"]["containers"], head_pod["spec"]["containers"]
+    redis = lambda c: [e for e in c["env"] if e["name"] == "REDIS_URL"]
+    assert redis(container) == redis(head) == [{"name": "REDIS_URL",
+                                                "valueFrom": {"secretKeyRef": kuberay.REDIS_SECRET}}]
+    assert admin_pod["spec"]["volumes"] == head_pod["spec"]["volumes"]
+    assert container["volumeMounts"] == head["volumeMounts"] and container["volumeMounts"][0]["readOnly"] is True
+
+
+def test_the_admin_command_binds_its_port_and_reads_the_password_from_a_file(admin_pod):
+    from serve_app.ops import cli
+
+    (container,) = admin_pod["spec"]["containers"]
+    program, *argv = container["command"]
+    args = cli.parser().parse_args(argv)
+    assert (program, args.action, args.host, args.port) == ("qbt", "serve", "0.0.0.0", operator.PORT)
+    assert container["ports"] == [{"containerPort": operator.PORT, "name": "admin", "protocol": "TCP"}]
+    ledger = catalogs.load().service_config("prod").ledger
+    assert (args.database, args.password_file) == (ledger.database, ledger.password_file)
+    assert urlsplit(args.database).password is None and ledger.kind == "postgresql"
+    (mount,) = container["volumeMounts"]
+    assert args.password_file.parent.as_posix() == mount["mountPath"]
+    assert not [a for a in argv if a.startswith("--password") and a != "--password-file"]
+    assert all("valueFrom" in e and "value" not in e for e in container["env"]), "no secret as a literal env value"
+    assert "args" not in container
+
+
+def test_the_admin_pod_is_as_locked_down_as_the_ray_pods(admin_pod, head_pod):
+    spec, (container,) = admin_pod["spec"], admin_pod["spec"]["containers"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"] == head_pod["spec"]["securityContext"]
+    context = container["securityContext"]
+    assert context == {**head_pod["spec"]["containers"][0]["securityContext"], "readOnlyRootFilesystem": True}
+    assert context["runAsNonRoot"] and context["runAsUser"] != 0 and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["resources"]["limits"] and container["resources"]["requests"]
+
+
+def test_the_admin_service_is_internal_and_selects_the_admin_pods_alone(base, admin_pod, head_pod):
+    svc = named(base, "Service", operator.NAME)
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert selects(svc["spec"]["selector"], admin_pod["metadata"]["labels"])
+    assert not selects(svc["spec"]["selector"], head_pod["metadata"]["labels"])
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(operator.PORT, operator.PORT)]
+    for other in [obj for obj in base if obj["kind"] == "Service" and obj is not svc]:
+        assert not selects(other["spec"]["selector"], admin_pod["metadata"]["labels"]), "off the public gateway"
+
+
+def test_the_admin_network_policy_admits_admin_clients_alone(base, admin_pod):
+    policies = [p for p in base if p["kind"] == "NetworkPolicy"
+                and selects(p["spec"]["podSelector"]["matchLabels"], admin_pod["metadata"]["labels"])]
+    assert [p["metadata"]["name"] for p in policies] == [operator.NAME], "no Ray NetworkPolicy opens the admin pods"
+    spec = policies[0]["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    for rule in spec["ingress"]:
+        assert rule["from"], "never from everywhere"
+        assert rule["from"] == [{"podSelector": {"matchLabels": operator.ADMIN_CLIENT_LABEL}}]  # this namespace
+        assert rule["ports"] == [{"protocol": "TCP", "port": operator.PORT}]
+    ports = {(p["protocol"], p["port"]) for rule in spec["egress"] for p in rule["ports"]}
+    assert all(rule["ports"] for rule in spec["egress"])
+    postgres = urlsplit(catalogs.load().service_config("prod").ledger.database).port
+    assert ports == {("TCP", 6379), ("TCP", postgres), ("UDP", 53), ("TCP", 53)}
+
+
+def test_the_admin_pods_egress_follows_the_ledger_s_port():
+    data = yaml.safe_load(catalogs.CATALOG.read_text())
+    data["profiles"]["prod"]["service"]["ledger"]["database"] = "postgresql://qbt@db.example:6432/qbt"
+    egress = operator.network_policy(catalogs.Catalog.model_validate(data))["spec"]["egress"]
+    assert {"protocol": "TCP", "port": 6432} in egress[0]["ports"]
+
+
+def test_a_sqlite_prod_ledger_fails_the_admin_build():
+    data = yaml.safe_load(catalogs.CATALOG.read_text())
+    data["profiles"]["prod"]["service"].pop("ledger")
+    with pytest.raises(ValueError, match="admin Deployment reads the ledger over the network"):
+        artefacts.build("prod", catalogs.Catalog.model_validate(data))
+
+
+def test_the_admin_manifest_is_generated_and_spelled_out():
+    text = operator.MANIFEST.read_text()
+    assert text == artefacts.build("prod")[operator.MANIFEST], "drifted: run `qbt config build --profile prod`"
+    assert f"kubectl port-forward svc/{operator.NAME} {operator.PORT}:{operator.PORT}" in text
+    assert not re.search(r"[&*]id\d", text), "no YAML anchors or aliases"
 
 
 # --- the alert rules, through promtool ------------------------------------------------------------------------------
