@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from deployments.wire import GenerationRequest, outgoing
+from deployments.relay import Progress, RelayServer, served
+from deployments.wire import GenerationRequest
 from serve_app.telemetry.logs import configure_logging
 from serve_app.telemetry.tracing import context_from, tracer
 
@@ -38,24 +39,30 @@ class ModelServer:
             from deployments.stats import stat_loggers
 
             self.engine = Engine(weights_path, model_id, engine_kwargs, stat_loggers=stat_loggers())
+        self.relayed = Counter("qbt_engine_relayed_streams_total", "Streams whose tokens after the first went on "
+                               "the relay's socket (deployments/relay.py), not the Serve handle.", tag_keys=("model",))
         await self.engine.start()
+        import ray
+
+        self.relay = await RelayServer(ray.util.get_node_ip_address()).start()  # this node's address only
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[tuple]:
-        """Items as `wire.outgoing` makes them. Cancelling this generator (client gone) cancels the engine request,
-        which frees its KV cache."""
+        """Items as `wire.outgoing` makes them; for a relayed stream, the first one, then the relay's ticket, then
+        the rest on the relay's socket (`relay.served`). Cancelling this generator (client gone, ingress gone) or
+        the ingress closing the socket cancels the engine request, which frees its KV cache."""
         span = self._span(req)
-        produced, ended = 0, False
+        progress = Progress()
         try:
-            async for item in self.engine.stream(req):
-                produced = item.usage.completion_tokens
-                yield outgoing(item, req)
-            ended = True
+            async for raw in served(self.engine.stream(req), req, self.relay, progress):
+                yield raw
         finally:
-            if not ended:  # work nobody will receive: what refusals and cut-offs cost the engine
+            if not progress.ended:  # work nobody will receive: what refusals and cut-offs cost the engine
                 self.abandoned_streams.inc(tags=self.tags)
-                if produced:
-                    self.abandoned.inc(produced, tags=self.tags)
-            span.set_attribute("qbt.completion_tokens", produced)
+                if progress.produced:
+                    self.abandoned.inc(progress.produced, tags=self.tags)
+            if progress.relayed:
+                self.relayed.inc(tags=self.tags)
+            span.set_attribute("qbt.completion_tokens", progress.produced)
             span.end()
 
     async def complete(self, req: GenerationRequest):

@@ -39,6 +39,7 @@ class GenerationRequest:
     return_token_ids: bool = False  # choices carry `token_ids` (the first fragment also `prompt_token_ids`)
     priority: int = 0  # for engines that schedule by priority (lower runs first)
     prompt_logprobs: int | None = None  # alternatives per prompt token, on each choice's first fragment
+    relay: bool = False  # a rendered stream's items after the first go on the relay's socket (deployments/relay.py)
 
     @property
     def prompt_tokens(self) -> int:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from deployments.relay import Progress, RelayServer, served
 from deployments.sim_engine import SimEngine
-from deployments.wire import Usage, outgoing
+from deployments.wire import Usage
 from serve_app.api.errors import ApiError, Code
 from serve_app.config.service import ServiceConfig
 from serve_app.money.admission import Admission
@@ -36,11 +37,12 @@ def _wire(obj):
 class InProcessHandle:
     """Serve's DeploymentHandle as the router uses it: `options(...)`, then `.remote(req)`."""
 
-    def __init__(self, engine: SimEngine):
+    def __init__(self, engine: SimEngine, relay: RelayServer | None = None):
         self.engine = engine
+        self.relay = relay
 
     def options(self, *, method_name: str, stream: bool = False, **_):
-        return _Method(self.engine, method_name, stream)
+        return _Method(self.engine, method_name, stream, self.relay)
 
 
 @dataclass
@@ -48,11 +50,14 @@ class _Method:
     engine: SimEngine
     name: str
     stream: bool
+    relay: RelayServer | None
 
     def remote(self, *args):
         args = tuple(_wire(a) for a in args)
         call = getattr(self.engine, self.name)(*args)
-        return StreamResponse(call, args[0]) if self.stream else UnaryResponse(call)
+        if not self.stream:
+            return UnaryResponse(call)
+        return StreamResponse(served(call, args[0], self.relay, Progress()), args[0])  # as ModelServer.stream
 
 
 class UnaryResponse:
@@ -74,12 +79,25 @@ async def _wire_result(task):
 
 
 class StreamResponse:
-    """Items as the model server sends them (`wire.outgoing`)."""
+    """Items as the model server sends them (`wire.outgoing`, or the relay's ticket), pulled from the replica's
+    generator as Serve does: eagerly, whether or not the caller is reading (the relay depends on it)."""
 
     def __init__(self, agen, req):
         self.agen = agen
         self.req = req
         self.cancelled = False
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pump = asyncio.ensure_future(self._pump())
+
+    async def _pump(self):
+        try:
+            async for raw in self.agen:
+                self.queue.put_nowait(("item", _wire(raw)))
+            self.queue.put_nowait(("end", None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # what the handle raises to its caller
+            self.queue.put_nowait(("error", exc))
 
     async def _fetch_future_result_async(self):
         return None
@@ -88,18 +106,18 @@ class StreamResponse:
         return self
 
     async def __anext__(self):
-        return _wire(outgoing(await self.agen.__anext__(), self.req))
+        kind, value = await self.queue.get()
+        if kind == "end":
+            self.queue.put_nowait((kind, value))
+            raise StopAsyncIteration
+        if kind == "error":
+            self.queue.put_nowait((kind, value))
+            raise value
+        return value
 
     def cancel(self):
         self.cancelled = True
-        asyncio.ensure_future(_close(self.agen))
-
-
-async def _close(agen):
-    try:
-        await agen.aclose()
-    except RuntimeError:  # still running in a cancelled consumer; it ends with the cancellation
-        pass
+        self.pump.cancel()
 
 
 class NoMetrics:
@@ -245,7 +263,8 @@ async def start_harness(billing) -> Harness:
     engines = {spec.id: SimEngine(spec.id, spec.simulation) for spec in config.models}
     for engine in engines.values():
         await engine.start()
-    router = ModelRouter(config.models, {k: InProcessHandle(e) for k, e in engines.items()}, [],
+    relay = RelayServer("127.0.0.1")  # streams take the relay, as in the replicas (stream_transport); listens on use
+    router = ModelRouter(config.models, {k: InProcessHandle(e, relay) for k, e in engines.items()}, [],
                          config.replica_wait_s, config.scale_from_zero_wait_s)
     metrics = NoMetrics()
     g = config.guard

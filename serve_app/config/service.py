@@ -9,7 +9,7 @@ from __future__ import annotations
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -233,6 +233,9 @@ class ServiceConfig(BaseModel):
     default_concurrency: Annotated[int, Field(ge=0)] = 0  # requests in flight per key; 0: no cap (as rpm/tpm)
     reservation_ttl_s: Annotated[float, Field(gt=0)] = 900
     max_request_s: Annotated[float, Field(gt=0)] = 900
+    # How a stream's tokens cross from the model replica to the ingress: `relay`, bytes on a socket of their own
+    # (deployments/relay.py), or `handle`, one Serve handle message per engine step.
+    stream_transport: Literal["relay", "handle"] = "relay"
     delivery_checkpoint_s: Annotated[float, Field(gt=0)] = 2.0  # what an ingress crash can leave unbilled, at most
     first_item_timeout_s: Annotated[float, Field(gt=0)] = 120
     replica_wait_s: Annotated[float, Field(gt=0)] = 30

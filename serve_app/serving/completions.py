@@ -20,12 +20,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from deployments.wire import GenerationRequest, InvalidSampling, StreamItem, Usage, incoming
+from deployments.relay import Ticket, ticket_of
+from deployments.wire import GenerationRequest, StreamItem, Usage, incoming
 from serve_app.api.encoding import DONE, CompletionFrame, dumps, event
 from serve_app.api.errors import ApiError, Code, invalid, upstream
 from serve_app.api.http import JSON, error_response, read_json
 from serve_app.api.throttle import AuthFailures, client_address
-from serve_app.config.service import Category, ModelSpec
+from serve_app.config.service import Category
 from serve_app.money import keys
 from serve_app.money.admission import Admission
 from serve_app.money.billing import Billing
@@ -34,6 +35,7 @@ from serve_app.safety.policy import GuardMode
 from serve_app.safety.stage import Gate, SafetyStage, Screening
 from serve_app.money.units import micros_to_cost
 from serve_app.serving.endpoints import Completions
+from serve_app.serving.relaying import relayed
 from serve_app.serving.routing import ModelRoute, ModelRouter
 from serve_app.telemetry.metrics import IngressMetrics, RequestRecord, record_request
 from serve_app.telemetry.tracing import carrier_of, child, context_from, generation, generation_ended, traced, tracer
@@ -85,8 +87,8 @@ class CompletionPath:
     def __init__(self, router: ModelRouter, billing: Billing, safety: SafetyStage, metrics: IngressMetrics, *,
                  max_body_bytes: int, first_item_timeout_s: float, max_request_s: float = 900,
                  body_read_s: float = 30, max_sequences: int = 256, clock: Callable[[], float] = time.time,
-                 auth_failures: AuthFailures | None = None, endpoint=Completions):
-        self.endpoint = endpoint
+                 auth_failures: AuthFailures | None = None, endpoint=Completions, stream_relay: bool = False):
+        self.endpoint, self.stream_relay = endpoint, stream_relay
         self.router = router
         self.billing = billing
         self.safety = safety
@@ -162,6 +164,7 @@ class CompletionPath:
         texts = endpoint.guard_texts(req, prompts, route.tokenizer) if policy.mode is not GuardMode.OFF else []
         gen = endpoint.generation(completion_id, req, prompts)
         gen.render = not policy.mode.checks_output  # no output gate reads the choices: the replica renders them
+        gen.relay = gen.render and self.stream_relay  # and sends them as bytes on a socket (deployments/relay.py)
         call = Call(route, gen, endpoint.frame(completion_id, int(self.clock()), route.spec.id, req), admission,
                     self.safety.screen(policy, texts, req.choices_per_prompt, root, completion_id),
                     admission.limits.headers(), record, root, bound)
@@ -195,7 +198,7 @@ class CompletionPath:
             choices = await call.screening.moderate(choices)
             outcome.status, outcome.ending = Status.OK, choices
         except Exception as exc:
-            return await self._refuse(call, outcome, classify(exc, call.route.spec))
+            return await self._refuse(call, outcome, call.route.failure(exc))
         finally:
             if outcome.status is None:
                 if response is not None:
@@ -231,7 +234,7 @@ class CompletionPath:
             self._disconnected(call, outcome)
             raise
         except Exception as exc:
-            refused = classify(exc, call.route.spec)
+            refused = call.route.failure(exc)
         if refused is not None:
             if stream is not None:
                 stream.cancel()
@@ -286,11 +289,15 @@ class CompletionPath:
                     if gate.blocked:
                         break
                 item = await _item(stream, prompt_tokens, None)
+                if isinstance(item, Ticket):  # the rest comes as bytes on the relay's socket
+                    async for ready in relayed(item, frame, outcome, received, prompt_tokens):
+                        yield ready
+                    item = None
             if gate is not None and (released := await gate.finish(outcome.usage.completion_tokens)):
                 yield frame.chunk(released)
             outcome.status = Status.OUTPUT_FILTERED if gate is not None and gate.blocked else Status.OK
         except Exception as exc:
-            error = classify(exc, call.route.spec)
+            error = call.route.failure(exc)
             outcome.status = Status.of(error.code)
             if received.delivered.completion_tokens:  # text reached the client before the failure: it pays for it
                 outcome.status, outcome.usage = Status.INTERRUPTED, received.delivered
@@ -369,10 +376,10 @@ class EventStream(StreamingResponse):
 _END = object()
 
 
-async def _item(stream, prompt_tokens: int, default=_END) -> StreamItem | None:
-    """The next item from the model's stream (`wire.incoming`); `default` at its end, if given."""
+async def _item(stream, prompt_tokens: int, default=_END) -> StreamItem | Ticket | None:
+    """The next item from the model's stream (`wire.incoming`), or the relay's ticket; `default` at its end."""
     raw = await anext(stream) if default is _END else await anext(stream, _END)
-    return default if raw is _END else incoming(raw, prompt_tokens)
+    return default if raw is _END else (ticket_of(raw) or incoming(raw, prompt_tokens))
 
 
 def usage_with_cost(usage: Usage, charged: int | None) -> dict:
@@ -382,15 +389,3 @@ def usage_with_cost(usage: Usage, charged: int | None) -> dict:
     if charged is not None:
         out["cost"] = micros_to_cost(charged)
     return out
-
-
-def classify(exc: BaseException, spec: ModelSpec) -> ApiError:
-    """An exception from the model's deployment (or the guard) as the contract's error."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, InvalidSampling):
-        return invalid(str(exc).splitlines()[0][:500], None)
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return upstream(f"The model '{spec.id}' did not start answering in time.")
-    log.error("upstream failure for %s: %s", spec.id, exc)
-    return upstream(f"The model '{spec.id}' is unavailable or failed ({type(exc).__name__}).")

@@ -47,7 +47,8 @@ class Gateway:
             return CompletionPath(router, billing, safety, metrics, max_body_bytes=config.max_body_bytes,
                                   first_item_timeout_s=config.first_item_timeout_s, max_request_s=config.max_request_s,
                                   body_read_s=config.body_read_s, max_sequences=config.max_sequences, clock=clock,
-                                  auth_failures=self.auth_failures, endpoint=endpoint)
+                                  auth_failures=self.auth_failures, endpoint=endpoint,
+                                  stream_relay=config.stream_transport == "relay")
 
         self.completions, self.chat = path(Completions), path(Chat)
         self.tokenizer = TokenizerRoutes(router, billing, self.auth_failures,

@@ -4,17 +4,20 @@ without a replica to take the request answers within a bounded wait."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.exceptions import BackPressureError
 
 from deployments import tokenizers
+from deployments.wire import InvalidSampling
 
-from serve_app.api.errors import ApiError, Code
+from serve_app.api.errors import ApiError, Code, invalid, upstream
 from serve_app.config.service import ModelSpec
 
 
+log = logging.getLogger("qbt.routing")
 RETRY_COLD_S, RETRY_UPSTREAM_S, RETRY_QUEUE_FULL_S = 30, 5, 1
 # Plain pickle for what crosses to and from the model replicas (deployments/wire.py: importable types; stream items
 # are plain tuples, about a microsecond each way): Serve's default, cloudpickle, costs far more per streamed item.
@@ -57,6 +60,17 @@ class ModelRoute:
             raise self.unavailable() from None
         except BackPressureError:
             raise self.queue_full() from None
+
+    def failure(self, exc: BaseException) -> ApiError:
+        """An exception from the model's deployment (or the guard, or the relay's socket) as the contract's error."""
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, InvalidSampling):
+            return invalid(str(exc).splitlines()[0][:500], None)
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return upstream(f"The model '{self.spec.id}' did not start answering in time.")
+        log.error("upstream failure for %s: %s", self.spec.id, exc)
+        return upstream(f"The model '{self.spec.id}' is unavailable or failed ({type(exc).__name__}).")
 
     def queue_full(self) -> ApiError:
         """Every replica is busy and `max_queued_requests` wait already: refused at once, never queued."""

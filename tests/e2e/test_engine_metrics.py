@@ -53,3 +53,19 @@ def test_a_chat_generation_span_has_the_gen_ai_attributes_and_no_text(stack, cus
     assert attrs["gen_ai.usage.output_tokens"] == out["usage"]["completion_tokens"]
     recorded = json.dumps(list(spans.values()))
     assert answer.strip() and answer.strip() not in recorded and question not in recorded
+
+
+def test_a_stream_after_its_first_token_goes_on_the_relay(stack, client):
+    """The default transport (`stream_transport: relay`): the rest of a stream leaves the replica on the relay's
+    socket, and the client still gets every token, in order, with the usage."""
+    stream = client.completions.create(model=MODEL, prompt="The capital of Canada is", max_tokens=24,
+                                       temperature=0, stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 24 and "".join(c.choices[0].text for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices]) == 24  # every token reached the client, one chunk each
+    name = "ray_qbt_engine_relayed_streams_total"
+    deadline = time.monotonic() + 60
+    while value(exported := scrape(stack, [name]), name, model=MODEL) <= 0 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert value(exported, name, model=MODEL) >= 1
