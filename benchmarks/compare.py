@@ -55,7 +55,7 @@ def start_systems(names: list[str], out: dict[str, System]) -> None:
         elif name == "qbt":
             out[name] = System(name, PORTS[name], "/health", [
                 PY, "-m", "serve_app.ops.cli", "serve", "--port", str(PORTS[name]), "--run-dir",
-                str(RUN_DIR / "qbt")], RUN_DIR,
+                str(RUN_DIR / "qbt"), "--admin-port", "0"], RUN_DIR,
                 {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": "8181", "QBT_RAY_TEMP_DIR": str(RUN_DIR / "ray")})
         else:
             continue

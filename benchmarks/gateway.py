@@ -5,9 +5,11 @@ Starlette/uvicorn SSE server fed by the same generator, `benchmarks/floor_server
     .venv/bin/python -m benchmarks.gateway [--rounds 5] [--duration 20] [--streams 64] [--tokens 256]
 
 Per round, interleaved (the order rotates): streams through the floor, through the gateway (guard off), through the
-gateway with the guard's default policy (`both`), then short whole requests through the gateway (admissions per
-ingress core). CPU is read per process (psutil) over each run; Redis's script calls per request come from its
-command statistics. Writes benchmarks/results/gateway.{json,md}; the JSON keeps every request's sample.
+gateway with the guard's default policy (`both`), through the gateway with the old stream transport (one Serve
+handle message per engine step, `stream_transport: handle`, a second stack), then short whole requests through the
+gateway (admissions per ingress core). Every other system is paused (SIGSTOP) while one runs, and CPU is read per
+process (psutil) of the system under test only; Redis's script calls per request come from its command statistics.
+Writes benchmarks/results/gateway.{json,md}; the JSON keeps every request's sample.
 """
 
 from __future__ import annotations
@@ -27,14 +29,23 @@ from serve_app.ops.launcher import become_subreaper, stop_descendants
 RUN_DIR = ROOT / ".run" / "bench-gateway"
 PY = sys.executable
 REDIS_URL = "redis://127.0.0.1:6397/0"
-FLOOR_PORT, QBT_PORT, METRICS_PORT = 8121, 8122, 8123
+HANDLE_REDIS_URL = "redis://127.0.0.1:6398/0"  # its own: a paused stack pauses the Redis it started
+FLOOR_PORT, QBT_PORT, METRICS_PORT, HANDLE_PORT, HANDLE_METRICS_PORT = 8121, 8122, 8123, 8124, 8125
 MODEL = "qbt-sim-llm"
 
 
 async def run_point(name: str, port: int, key: str | None, body: dict, concurrency: int, duration_s: float,
-                    meter: CpuMeter, label: str = "") -> dict:
+                    systems: dict[str, System], label: str = "") -> dict:
+    """One point, with only its own system running (the others paused) and measured."""
+    mine = systems[SYSTEM_OF[name]]
+    for other in systems.values():
+        if other is not mine:
+            other.pause()
+    mine.resume()
+    meter = CpuMeter([mine])
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    calls = script_calls(REDIS_URL) if key else None
+    redis_url = HANDLE_REDIS_URL if name == "qbt handle" else REDIS_URL
+    calls = script_calls(redis_url) if key else None
     before, client_before = meter.snapshot(), time.process_time()
     samples, wall = await closed_loop("127.0.0.1", port, body, headers, concurrency, duration_s)
     cpu = CpuMeter.delta(before, meter.snapshot())
@@ -45,7 +56,7 @@ async def run_point(name: str, port: int, key: str | None, body: dict, concurren
            "max_tokens": body["max_tokens"], "wall_s": wall, "requests": len(samples), "ok": len(ok),
            "failed": len(samples) - len(ok), "errors": sorted({s.error for s in samples if s.error})[:5],
            "events": events, "tokens": sum(s.tokens for s in ok), "cpu_s": cpu,
-           "redis_script_calls_per_request": ((script_calls(REDIS_URL) - calls) / len(samples))
+           "redis_script_calls_per_request": ((script_calls(redis_url) - calls) / len(samples))
            if calls is not None and samples else None,
            "loadavg": os.getloadavg(), "samples": [s.row() for s in samples]}
     gateway = sum(cpu[r] for r in ("ingress", "model replica", "proxy")) if name != "floor" else cpu["floor"]
@@ -61,21 +72,25 @@ async def run_point(name: str, port: int, key: str | None, body: dict, concurren
     return row
 
 
-async def measure(args, keys: dict[str, str], meter: CpuMeter) -> list[dict]:
+SYSTEM_OF = {"floor": "floor", "qbt": "qbt", "qbt+guard": "qbt", "qbt requests": "qbt", "qbt handle": "qbt handle"}
+
+
+async def measure(args, keys: dict[str, str], handle_keys: dict[str, str], systems: dict[str, System]) -> list[dict]:
     stream = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": args.tokens, "stream": True,
               "stream_options": {"include_usage": True}}
     whole = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 1}
     points = [("floor", FLOOR_PORT, None, stream, args.streams), ("qbt", QBT_PORT, keys["off"], stream, args.streams),
-              ("qbt+guard", QBT_PORT, keys["both"], stream, args.streams)]
+              ("qbt+guard", QBT_PORT, keys["both"], stream, args.streams),
+              ("qbt handle", HANDLE_PORT, handle_keys["off"], stream, args.streams)]
     admissions = ("qbt requests", QBT_PORT, keys["off"], whole, args.request_concurrency)
     say("warm-up: every configuration once, 5 s")
     for name, port, key, body, c in [*points, admissions]:
-        await run_point(name, port, key, body, c, 5, meter, " (warm-up)")
+        await run_point(name, port, key, body, c, 5, systems, " (warm-up)")
     rows = []
     for rnd in range(args.rounds):
         order = points[rnd % len(points):] + points[:rnd % len(points)]
         for name, port, key, body, c in [*order, admissions]:
-            row = await run_point(name, port, key, body, c, args.duration, meter)
+            row = await run_point(name, port, key, body, c, args.duration, systems)
             row["round"] = rnd + 1
             rows.append(row)
     return rows
@@ -92,7 +107,7 @@ def report(rows: list[dict], meta: dict) -> str:
              "(`both`) an event is a released window of 16 tokens, so compare per token.", "",
              "| system | events/s | tokens/s | failed | gateway CPU us/event | x floor (paired) | gateway CPU us/token | "
              "ingress us/event | model replica us/event | proxy us/event | Redis scripts/request |", "|" + "---|" * 11]
-    for name in ("floor", "qbt", "qbt+guard"):
+    for name in ("floor", "qbt", "qbt+guard", "qbt handle"):
         rs = [by[(n, name)] for n in rounds if (n, name) in by]
         per = lambda k: [r["cpu_s"][k] / r["events"] * 1e6 if r["events"] else None for r in rs]  # noqa: E731
         ratio = [by[(n, name)]["gateway_us_per_event"] / by[(n, "floor")]["gateway_us_per_event"]
@@ -105,6 +120,11 @@ def report(rows: list[dict], meta: dict) -> str:
                      f"{spread(per('model replica')) if name != 'floor' else '-'} | "
                      f"{spread(per('proxy')) if name != 'floor' else '-'} | "
                      f"{spread([r['redis_script_calls_per_request'] for r in rs])} |")
+    relay = [by[(n, "qbt")]["gateway_us_per_event"] / by[(n, "qbt handle")]["gateway_us_per_event"]
+             for n in rounds if (n, "qbt") in by and (n, "qbt handle") in by]
+    lines += ["", "`qbt` streams on the relay (`stream_transport: relay`, the default); `qbt handle` is the same stack "
+              "with one Serve handle message per engine step. Gateway CPU per event, relay / handle, paired per "
+              f"round: {spread(relay)}."]
     reqs = [by[(n, "qbt requests")] for n in rounds if (n, "qbt requests") in by]
     lines += ["", "Short whole requests (`max_tokens` 1, concurrency "
               f"{reqs[0]['concurrency'] if reqs else '-'}), guard off:", "",
@@ -119,6 +139,18 @@ def report(rows: list[dict], meta: dict) -> str:
     if errors:
         lines += ["", "Failures seen: " + "; ".join(errors)]
     return "\n".join(lines) + "\n"
+
+
+def sim_config(transport: str):
+    """The sim profile's Serve config with the given stream transport."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "cluster" / "serve-sim.yaml").read_text())
+    config["applications"][0]["args"]["stream_transport"] = transport
+    path = RUN_DIR / f"serve-sim-{transport}.yaml"
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def main() -> int:
@@ -136,18 +168,25 @@ def main() -> int:
         (OUT / f"{args.out}.md").write_text(report(data["runs"], data["meta"]))
         return 0
     become_subreaper()
-    systems: list[System] = []
+    systems: dict[str, System] = {}
     try:
-        systems.append(System("floor", FLOOR_PORT, "/health", [PY, "-m", "benchmarks.floor_server", str(FLOOR_PORT)],
-                              RUN_DIR))
-        systems.append(System("qbt", QBT_PORT, "/health", [
-            PY, "-m", "serve_app.ops.cli", "serve", "--config", str(ROOT / "cluster" / "serve-sim.yaml"), "--port",
-            str(QBT_PORT), "--run-dir", str(RUN_DIR / "qbt")], RUN_DIR,
-            {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": str(METRICS_PORT), "QBT_RAY_TEMP_DIR": str(RUN_DIR / "ray")}))
-        for system in systems:
-            system.wait_ready()
-            say(f"{system.name} ready")
-        rows = asyncio.run(measure(args, bench_keys(REDIS_URL), CpuMeter(systems)))
+        systems["floor"] = System("floor", FLOOR_PORT, "/health",
+                                  [PY, "-m", "benchmarks.floor_server", str(FLOOR_PORT)], RUN_DIR)
+        keys = {}
+        for name, config, port, metrics, redis_url in (
+                ("qbt", sim_config("relay"), QBT_PORT, METRICS_PORT, REDIS_URL),
+                ("qbt handle", sim_config("handle"), HANDLE_PORT, HANDLE_METRICS_PORT, HANDLE_REDIS_URL)):
+            run_dir = RUN_DIR / name.replace(" ", "-")
+            systems[name] = System(name.replace(" ", "-"), port, "/health", [
+                PY, "-m", "serve_app.ops.cli", "serve", "--config", str(config), "--port", str(port), "--run-dir",
+                str(run_dir), "--admin-port", "0"], RUN_DIR,
+                {"REDIS_URL": redis_url, "QBT_METRICS_PORT": str(metrics), "QBT_RAY_TEMP_DIR": str(run_dir / "ray")})
+            systems[name].wait_ready()  # one at a time: two Ray heads starting at once compete for 2 cores
+            keys[name] = bench_keys(redis_url)
+            say(f"{name} ready")
+            systems[name].pause()
+        systems["floor"].wait_ready()
+        rows = asyncio.run(measure(args, keys["qbt"], keys["qbt handle"], systems))
         meta = {"command": " ".join([".venv/bin/python -m benchmarks.gateway", *sys.argv[1:]]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "duration_s": args.duration,
                 "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args),
@@ -159,7 +198,7 @@ def main() -> int:
         print(text)
         return 0
     finally:
-        for system in systems:
+        for system in systems.values():
             system.stop()
         stop_descendants(grace_s=10)
 
