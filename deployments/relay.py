@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -25,7 +26,10 @@ from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, 
 HEADER = struct.Struct("!IIB")  # payload bytes, cumulative completion tokens, kind
 DATA, END, INVALID, FAILED = 0, 1, 2, 3
 TICKET_BYTES = 16
-CONNECT_S = 10.0  # how long a replica waits for the ingress to come for a stream
+# How long a replica waits for the ingress to come for a stream: the ingress connects once the input guard has
+# passed the prompt (its timeout is 10 s by default), so well beyond that; a dead ingress is Serve's to cancel.
+CONNECT_S = 120.0
+END_DRAIN_S = 30.0  # how long a finished stream's last bytes may wait for a slow reader before the socket closes
 HIGH_WATER = 1 << 20  # bytes a replica lets queue for a slow reader before it waits
 READ_BYTES = 1 << 18
 
@@ -104,10 +108,16 @@ class Sink:
         if self.transport.get_write_buffer_size() > HIGH_WATER:
             await self.writer.drain()
 
-    def end(self, completion_tokens: int, kind: int = END, message: str = "") -> None:
+    async def end(self, completion_tokens: int, kind: int = END, message: str = "") -> None:
+        """The end (or error) frame, then what is still buffered for a slow reader, then close: the request stays
+        in flight for Serve (a replica being stopped waits for it) until its last bytes have left."""
         if not self.transport.is_closing():
             body = message.encode()[:4096]
             self.transport.write(HEADER.pack(len(body), completion_tokens, kind) + body)
+            try:
+                await asyncio.wait_for(self.writer.drain(), END_DRAIN_S)
+            except (ConnectionError, TimeoutError):
+                pass
         self.writer.close()
 
 
@@ -124,7 +134,7 @@ async def served(items, req: GenerationRequest, relay: RelayServer | None, progr
     """The model replica's side of a stream: what crosses the handle (`wire.outgoing` tuples): every item, or for a
     relayed stream the first one, then the ticket, then nothing more while the rest goes on the socket. The engine's
     generator is closed however this ends (cancelled, the ingress gone, an error), which aborts its request."""
-    sink = None
+    sink = waiter = None
     try:
         async for item in items:
             progress.produced = item.usage.completion_tokens
@@ -139,18 +149,32 @@ async def served(items, req: GenerationRequest, relay: RelayServer | None, progr
                 progress.relayed = True
         progress.ended = True
         if sink is not None:
-            sink.end(progress.produced)
+            await sink.end(progress.produced)
     except (ConnectionError, TimeoutError):  # the ingress went away (or never came): nobody to send to
         if sink is None:
             raise
     except Exception as exc:
         if sink is None:
             raise
-        sink.end(progress.produced, INVALID if isinstance(exc, InvalidSampling) else FAILED, str(exc))
+        await sink.end(progress.produced, INVALID if isinstance(exc, InvalidSampling) else FAILED, str(exc))
     finally:
+        if waiter is not None and not waiter.done():  # closed before the ingress came: the ticket opens nothing
+            waiter.cancel()
         await items.aclose()
         if sink is not None:
             sink.writer.close()
+
+
+def keepalive(writer: asyncio.StreamWriter) -> None:
+    """A replica whose node vanished sends no reset: TCP keepalive probes find it within about 25 s (a live peer's
+    kernel answers them, however slow its engine), so the read fails instead of waiting for the request bound."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class RelayClosed(ConnectionError):
@@ -162,7 +186,8 @@ async def frames(ticket: Ticket):
     (payload, cumulative completion tokens). Ends at the end frame; an error frame raises `(kind, message)` as
     the engine's error (InvalidSampling or EngineFailure), a socket that closes early raises RelayClosed. Closing this generator closes the socket, which
     the replica sees at its next write."""
-    reader, writer = await asyncio.open_connection(ticket.host, ticket.port)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(ticket.host, ticket.port), CONNECT_S)
+    keepalive(writer)
     try:
         writer.write(ticket.secret)
         buffer = b""

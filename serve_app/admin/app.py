@@ -95,6 +95,8 @@ class Admin:
         account = body.pop("account")
         if not isinstance(account, str):
             raise invalid("account must be a string", "account")
+        if unknown := sorted(set(body) - set(keyring.KeySpec.model_fields)):
+            raise invalid(f"Unknown field '{unknown[0]}'", unknown[0])
         change = await self._change(request)
 
         def create() -> dict:

@@ -233,11 +233,11 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         wait_healthy(port, startup_timeout_s, _fail_if_deploy_failed)
-        if admin_port:
-            start_admin(url, run_dir, admin_port, local_ledger(_app_args(serve_config), run_dir))
+        admin = admin_port and start_admin(url, run_dir, admin_port, local_ledger(_app_args(serve_config), run_dir))
         # The key stays out of the log (a supervisor's log outlives the terminal): its file and its id are shown.
         key_file = run_dir / "dev-key"
-        say(f"ready on http://127.0.0.1:{port}  dev key in {key_file} ({keys.key_id(keys.key_hash(key))})")
+        say(f"ready on http://127.0.0.1:{port}  dev key in {key_file} ({keys.key_id(keys.key_hash(key))})"
+            + (f"  admin API and console on http://127.0.0.1:{admin_port}/" if admin else ""))
         say(f"try: curl http://127.0.0.1:{port}/v1/completions -H \"Authorization: Bearer $(cat {key_file})\" "
             "-H 'Content-Type: application/json' "
             "-d '{\"model\": \"qbt-dev-llm\", \"prompt\": \"The capital of Canada is\", \"max_tokens\": 16, "

@@ -93,6 +93,9 @@ def test_keys_create_rotate_revoke_and_the_audit_rows(client):
     kid = created["key_id"]
     assert client.post("/admin/v1/keys", json={"account": name, "models": ["nope"]}).status_code == 400
     assert client.post("/admin/v1/keys", json={"account": "nobody-" + name}).status_code == 404
+    for smuggled in ("change", "known_models", "r", "color"):  # only the key's own fields, never the function's
+        res = client.post("/admin/v1/keys", json={"account": name, smuggled: 1})
+        assert res.status_code == 400 and res.json()["error"]["param"] == smuggled
     rotated = client.post(f"/admin/v1/keys/{kid}/rotate", json={"grace_s": 600}).json()
     assert rotated["key"].startswith("qbt_") and rotated["key"] != created["key"] and rotated["grace_until"]
     revoked = client.post(f"/admin/v1/keys/{kid}/revoke")

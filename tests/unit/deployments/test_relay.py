@@ -108,3 +108,17 @@ async def test_unknown_or_reused_tickets_open_nothing():
 async def test_without_relay_every_item_crosses_the_handle():
     items = [raw async for raw in served(engine(4), request(relay=False), None, Progress())]
     assert [t for _, t in items] == [1, 2, 3, 4] and ticket_of(items[-1]) is None
+
+
+async def test_a_stream_closed_before_the_ingress_came_leaves_no_open_ticket():
+    relay = await RelayServer("127.0.0.1").start()
+    replica = served(engine(5), request(), relay, Progress())
+    await anext(replica)
+    ticket = ticket_of(await anext(replica))
+    await replica.aclose()  # cancelled by Serve right after the ticket left
+    await asyncio.sleep(0)  # the cancelled waiter's callback forgets its ticket
+    assert relay._expected == {}
+    with pytest.raises(RelayClosed):
+        async for _ in frames(ticket):
+            pass
+    relay.close()
