@@ -63,7 +63,7 @@ class Admin:
         with self._db_lock:
             return fn(self.database, *args, **kwargs)
 
-    async def _change(self, request: Request) -> Change:
+    def _change(self, request: Request) -> Change:
         return Change(actor=f"admin:{request.state.actor}", request_id=request.state.request_id)
 
     # -- accounts --
@@ -73,7 +73,7 @@ class Admin:
     async def create_account(self, request: Request) -> Response:
         body = await _body(request, {"name": str, "credits_usd": (str, int, float)}, required=("name",))
         created = await self._call(request, accounts.create_account, self.redis, body["name"],
-                                   str(body.get("credits_usd", "0")), await self._change(request))
+                                   str(body.get("credits_usd", "0")), self._change(request))
         return JSONResponse(created, status_code=201)
 
     async def show_account(self, request: Request) -> Response:
@@ -84,7 +84,7 @@ class Admin:
         body = await _body(request, {"usd": (str, int, float)}, required=("usd",))
         idempotency = request.headers.get("idempotency-key")
         return JSONResponse(await self._call(request, accounts.topup, self.redis, request.path_params["name"],
-                                             str(body["usd"]), idempotency, await self._change(request)))
+                                             str(body["usd"]), idempotency, self._change(request)))
 
     # -- keys --
     async def list_keys(self, request: Request) -> Response:
@@ -97,29 +97,28 @@ class Admin:
             raise invalid("account must be a string", "account")
         if unknown := sorted(set(body) - set(keyring.KeySpec.model_fields)):
             raise invalid(f"Unknown field '{unknown[0]}'", unknown[0])
-        change = await self._change(request)
+        change = self._change(request)
 
         def create() -> dict:
             key, kid = keyring.create_key(self.redis, account, change, self.known_models, **body)
-            view = next(k for k in keyring.list_keys(self.redis, account) if k["key_id"] == kid)
-            return {"key": key, **view}
+            return {"key": key, **keyring.show_key(self.redis, kid)}
 
         return JSONResponse(await self._call(request, create), status_code=201)
 
     async def revoke_key(self, request: Request) -> Response:
         kid = _key_id(request)
-        change = await self._change(request)
+        change = self._change(request)
 
         def revoke() -> dict:
             keyring.revoke_key(self.redis, kid, change)
-            return next(k for k in keyring.list_keys(self.redis) if k["key_id"] == kid)
+            return keyring.show_key(self.redis, kid)
 
         return JSONResponse(await self._call(request, revoke))
 
     async def rotate_key(self, request: Request) -> Response:
         body = await _body(request, {"grace_s": int}, required=())
         key, view = await self._call(request, keyring.rotate_key, self.redis, _key_id(request),
-                                     int(body.get("grace_s", 3600)), await self._change(request))
+                                     int(body.get("grace_s", 3600)), self._change(request))
         return JSONResponse({"key": key, **view})
 
     # -- the ledger --

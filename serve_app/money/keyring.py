@@ -184,6 +184,11 @@ def rotate_key(r, key_or_id: str, grace_s: int, change: Change = Change()) -> tu
     return key, _views(r, [record])[0]
 
 
+def show_key(r, key_or_id: str) -> dict:
+    """One key as `list_keys` shows it, from its id or any of its secrets."""
+    return _views(r, [_record(r, key_or_id)])[0]
+
+
 def list_keys(r, account: str | None = None) -> list[dict]:
     """One account's keys, or every key."""
     if account is not None:
