@@ -25,6 +25,7 @@ dev-models: install
 # starts its own instances.
 servers:
 	@bash .ci/servers redis postgresql node promtool chromium
+	@bash .ci/node-sdk
 
 serve: install
 	@bash .ci/servers redis
