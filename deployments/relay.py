@@ -1,17 +1,21 @@
-"""The stream relay: a stream's tokens after its first item leave the model replica as bytes on a socket of their
-own, not as one Serve handle message per engine step.
+"""The stream relay: a stream's tokens after its first item leave the model replica as bytes on a connection shared
+by the streams between one ingress and one replica, not as one Serve handle message per engine step.
 
 Why: each item crossing a Serve handle costs a gRPC message, a pickle and Serve's bookkeeping on both sides, per
 engine step per stream: most of the gateway's CPU per token (benchmarks/results/gateway.md). Here the replica
-writes each item as a small frame (its rendered choices JSON and the cumulative completion tokens, for the meter)
-into a socket, and the ingress reads whatever has arrived and sends it to the client in one write.
+writes each item as a small frame (the stream's id, its rendered choices JSON and the cumulative completion tokens,
+for the meter). The frames of every stream that one engine step produced leave in one write (queued, then flushed
+once the loop has run the step's wakeups: no timer), and the ingress reads them in one read, then gives each
+stream whatever has arrived for it, which it sends to its client in one write.
 
 How: the first item still comes through the handle (refusals, the input guard and errors before any byte keep
-their path); the replica then yields a ticket (host, port, 16 random bytes) and waits for the ingress to connect
-with it. The handle's stream stays open and idle meanwhile, so Serve's cancellation still reaches the engine: the
-ingress cancels it when the client leaves, and Serve cancels it when the ingress dies. Only rendered streams
-(no output gate reading the choices) take this path. The ticket crosses the handle, Ray's authenticated channel;
-the socket carries nothing to anyone without it. Kept free of vLLM imports: the ingress imports it too."""
+their path); the replica then yields a ticket (host, port, 16 random bytes) and waits for the ingress to claim it
+on its connection to that replica. The handle's stream stays open and idle meanwhile, so Serve's cancellation still
+reaches the engine: the ingress cancels it when the client leaves (and sends a cancel for the stream), and Serve
+cancels it when the ingress dies (whose connection closing stops every stream on it). Only rendered streams (no
+output gate reading the choices) take this path. The ticket crosses the handle, Ray's authenticated channel; the
+connection carries nothing to anyone without it. The ingress's side is `serve_app/serving/relaying.py`; the wire format is here, for both. Kept free of vLLM
+imports: the ingress imports it too."""
 
 from __future__ import annotations
 
@@ -21,17 +25,19 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, outgoing
+from deployments.wire import GenerationRequest, InvalidSampling, outgoing
 
-HEADER = struct.Struct("!IIB")  # payload bytes, cumulative completion tokens, kind
-DATA, END, INVALID, FAILED = 0, 1, 2, 3
+HEADER = struct.Struct("!IIIB")  # replica -> ingress: stream id, payload bytes, cumulative completion tokens, kind
+DATA, END, INVALID, FAILED, REFUSED, ABORTED = 0, 1, 2, 3, 4, 5
+CONTROL = struct.Struct("!BI")  # ingress -> replica: kind, stream id (a claim is followed by the ticket's secret)
+CLAIM, CANCEL = 0, 1
 TICKET_BYTES = 16
-# How long a replica waits for the ingress to come for a stream: the ingress connects once the input guard has
+# How long a replica waits for the ingress to come for a stream: the ingress claims it once the input guard has
 # passed the prompt (its timeout is 10 s by default), so well beyond that; a dead ingress is Serve's to cancel.
 CONNECT_S = 120.0
-END_DRAIN_S = 30.0  # how long a finished stream's last bytes may wait for a slow reader before the socket closes
-HIGH_WATER = 1 << 20  # bytes a replica lets queue for a slow reader before it waits
-READ_BYTES = 1 << 18
+END_DRAIN_S = 30.0  # how long a finished stream's last bytes may wait for a slow reader
+HIGH_WATER = 1 << 20  # bytes a replica lets queue on a connection before its streams wait
+MAX_MESSAGE = 1 << 24  # a frame longer than this is not the relay speaking: the connection is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +57,20 @@ def ticket_of(raw) -> Ticket | None:
     return None
 
 
+def keepalive(transport: asyncio.BaseTransport) -> None:
+    """A peer whose node vanished sends no reset: TCP keepalive probes find it within about 25 s (a live peer's
+    kernel answers them, however slow its engine), so the streams fail instead of waiting for the request bound."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 class RelayServer:
-    """In the model replica: one listening socket; each connection brings a ticket and gets that stream's frames."""
+    """In the model replica: one listening socket; each ingress connects once and claims its streams on it."""
 
     def __init__(self, host: str):
         self.host = host
@@ -65,7 +83,8 @@ class RelayServer:
         """Listens on this loop (once; again on another loop, as tests run one per test)."""
         loop = asyncio.get_running_loop()
         if self._server is None or self._loop is not loop:
-            self._server, self._loop = await asyncio.start_server(self._accept, self.host, 0), loop
+            self._server = await loop.create_server(lambda: Peer(self), self.host, 0)
+            self._loop = loop
             self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -76,49 +95,140 @@ class RelayServer:
         waiter.add_done_callback(lambda _: self._expected.pop(secret, None))
         return Ticket(self.host, self.port, secret), waiter
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            secret = await asyncio.wait_for(reader.readexactly(TICKET_BYTES), CONNECT_S)
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-            writer.close()
-            return
+    def claim(self, secret: bytes) -> asyncio.Future | None:
         waiter = self._expected.get(secret)
-        if waiter is None or waiter.done():
-            writer.close()
-            return
-        waiter.set_result(Sink(writer))
+        return None if waiter is None or waiter.done() else waiter
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
 
 
-class Sink:
-    """One stream's side of the socket in the replica."""
+class Peer(asyncio.Protocol):
+    """One ingress's connection, in the replica: its claims and cancels in, every stream's frames out, coalesced."""
 
-    def __init__(self, writer: asyncio.StreamWriter):
-        self.writer = writer
-        self.transport = writer.transport
+    def __init__(self, server: RelayServer):
+        self.server = server
+        self.sinks: dict[int, Sink] = {}
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self._buffer = b""
+        self._pending: list[bytes] = []
+        self._paused = False
+        self._drained: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        # Paused whenever the kernel did not take everything, resumed once it has: `drained` can wait for that.
+        transport.set_write_buffer_limits(high=0, low=0)
+        keepalive(transport)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        offset, size = 0, len(buffer)
+        while size - offset >= CONTROL.size:
+            kind, sid = CONTROL.unpack_from(buffer, offset)
+            if kind == CLAIM:
+                if size - offset < CONTROL.size + TICKET_BYTES:
+                    break
+                start = offset + CONTROL.size
+                self._claim(sid, buffer[start:start + TICKET_BYTES])
+                offset = start + TICKET_BYTES
+            elif kind == CANCEL:
+                offset += CONTROL.size
+                if (sink := self.sinks.pop(sid, None)) is not None:
+                    sink.closed = True
+            else:  # not the relay's client
+                self.transport.close()
+                return
+        self._buffer = buffer[offset:]
+
+    def _claim(self, sid: int, secret: bytes) -> None:
+        waiter = self.server.claim(secret)
+        if waiter is None or sid in self.sinks:
+            self.queue(HEADER.pack(sid, 0, 0, REFUSED))
+            return
+        self.sinks[sid] = sink = Sink(self, sid)
+        waiter.set_result(sink)
+
+    def queue(self, data: bytes) -> None:
+        """Frames written in one loop iteration (one engine step's) leave in one write, at the next."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending and not self.lost:
+            self.transport.write(b"".join(self._pending))
+        self._pending.clear()
+
+    async def drained(self) -> None:
+        """Until the kernel has taken everything queued (or the connection is gone)."""
+        self.flush()
+        while self._paused and not self.lost:
+            if self._drained is None or self._drained.done():
+                self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drained)
+
+    def backlog(self) -> int:
+        return 0 if self.lost else self.transport.get_write_buffer_size()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def connection_lost(self, exc) -> None:
+        """The ingress is gone: every stream on it stops at its next frame."""
+        self.lost = True
+        for sink in self.sinks.values():
+            sink.closed = True
+        self.sinks.clear()
+        self.resume_writing()
+
+
+class Sink:
+    """One stream's frames, in the replica."""
+
+    __slots__ = ("closed", "peer", "sid")
+
+    def __init__(self, peer: Peer, sid: int):
+        self.peer, self.sid, self.closed = peer, sid, False
 
     async def send(self, payload: bytes, completion_tokens: int) -> None:
-        """Raises ConnectionError when the ingress has gone (the client left): the replica stops generating."""
-        if self.transport.is_closing():
+        """Raises ConnectionError when the ingress has gone or cancelled the stream: the replica stops generating."""
+        if self.closed:
             raise ConnectionResetError("the ingress closed the stream")
-        self.transport.write(HEADER.pack(len(payload), completion_tokens, DATA) + payload)
-        if self.transport.get_write_buffer_size() > HIGH_WATER:
-            await self.writer.drain()
+        self.peer.queue(HEADER.pack(self.sid, len(payload), completion_tokens, DATA) + payload)
+        if self.peer.backlog() > HIGH_WATER:  # a slow ingress: every stream on its connection waits
+            await self.peer.drained()
 
     async def end(self, completion_tokens: int, kind: int = END, message: str = "") -> None:
-        """The end (or error) frame, then what is still buffered for a slow reader, then close: the request stays
-        in flight for Serve (a replica being stopped waits for it) until its last bytes have left."""
-        if not self.transport.is_closing():
-            body = message.encode()[:4096]
-            self.transport.write(HEADER.pack(len(body), completion_tokens, kind) + body)
-            try:
-                await asyncio.wait_for(self.writer.drain(), END_DRAIN_S)
-            except (ConnectionError, TimeoutError):
-                pass
-        self.writer.close()
+        """The end (or error) frame, then until its bytes have left: the request stays in flight for Serve (a
+        replica being stopped waits for it) until then."""
+        if self.closed:
+            return
+        body = message.encode()[:4096]
+        self.peer.queue(HEADER.pack(self.sid, len(body), completion_tokens, kind) + body)
+        self.release()
+        try:
+            await asyncio.wait_for(self.peer.drained(), END_DRAIN_S)
+        except TimeoutError:
+            pass
+
+    def release(self) -> None:
+        self.closed = True
+        if self.peer.sinks.get(self.sid) is self:
+            del self.peer.sinks[self.sid]
+
+    def abort(self) -> None:
+        """Cut off without an end (the stream's generator cancelled): the ingress sees an error, not an end."""
+        if not self.closed:
+            self.peer.queue(HEADER.pack(self.sid, 0, 0, ABORTED))
+            self.release()
 
 
 @dataclass(slots=True)
@@ -127,12 +237,12 @@ class Progress:
 
     produced: int = 0
     ended: bool = False
-    relayed: bool = False  # the ingress came for the rest on the relay's socket
+    relayed: bool = False  # the ingress came for the rest on the relay's connection
 
 
 async def served(items, req: GenerationRequest, relay: RelayServer | None, progress: Progress):
     """The model replica's side of a stream: what crosses the handle (`wire.outgoing` tuples): every item, or for a
-    relayed stream the first one, then the ticket, then nothing more while the rest goes on the socket. The engine's
+    relayed stream the first one, then the ticket, then nothing more while the rest goes on the relay. The engine's
     generator is closed however this ends (cancelled, the ingress gone, an error), which aborts its request."""
     sink = waiter = None
     try:
@@ -162,59 +272,5 @@ async def served(items, req: GenerationRequest, relay: RelayServer | None, progr
             waiter.cancel()
         await items.aclose()
         if sink is not None:
-            sink.writer.close()
-
-
-def keepalive(writer: asyncio.StreamWriter) -> None:
-    """A replica whose node vanished sends no reset: TCP keepalive probes find it within about 25 s (a live peer's
-    kernel answers them, however slow its engine), so the read fails instead of waiting for the request bound."""
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
-class RelayClosed(ConnectionError):
-    """The replica's side ended without an end frame (the replica died)."""
-
-
-async def frames(ticket: Ticket):
-    """In the ingress: the stream's frames as they arrive, in batches (one batch per socket read): lists of
-    (payload, cumulative completion tokens). Ends at the end frame; an error frame raises `(kind, message)` as
-    the engine's error (InvalidSampling or EngineFailure), a socket that closes early raises RelayClosed. Closing this generator closes the socket, which
-    the replica sees at its next write."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(ticket.host, ticket.port), CONNECT_S)
-    keepalive(writer)
-    try:
-        writer.write(ticket.secret)
-        buffer = b""
-        while True:
-            data = await reader.read(READ_BYTES)
-            if not data:
-                raise RelayClosed("the model replica closed the stream")
-            buffer += data
-            batch, offset, size = [], 0, len(buffer)
-            while size - offset >= HEADER.size:
-                length, tokens, kind = HEADER.unpack_from(buffer, offset)
-                start = offset + HEADER.size
-                if size - start < length:
-                    break
-                payload = buffer[start:start + length]
-                offset = start + length
-                if kind == DATA:
-                    batch.append((payload, tokens))
-                    continue
-                if batch:
-                    yield batch
-                if kind == END:
-                    return
-                raise (InvalidSampling if kind == INVALID else EngineFailure)(payload.decode(errors="replace"))
-            buffer = buffer[offset:]
-            if batch:
-                yield batch
-    finally:
-        writer.close()
+            sink.abort()
 

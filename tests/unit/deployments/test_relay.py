@@ -7,8 +7,16 @@ import asyncio
 
 import pytest
 
-from deployments.relay import Progress, RelayClosed, RelayServer, Ticket, frames, served, ticket_of
-from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
+from deployments import relay as relay_module
+from deployments.relay import Progress, RelayServer, Ticket, served, ticket_of
+from deployments.wire import (
+    EngineFailure,
+    GenerationRequest,
+    InvalidSampling,
+    StreamItem,
+    Usage,
+)
+from serve_app.serving.relaying import RelayClosed, frames, links
 
 
 def request(relay: bool = True) -> GenerationRequest:
@@ -122,3 +130,114 @@ async def test_a_stream_closed_before_the_ingress_came_leaves_no_open_ticket():
         async for _ in frames(ticket):
             pass
     relay.close()
+
+
+async def test_many_streams_share_one_connection_and_each_gets_its_own_frames(monkeypatch):
+    """64 streams from one replica to one ingress: one connection, each stream's frames complete and in order,
+    and the frames queued in one loop iteration leave in one write: far fewer writes than frames."""
+    writes, frames_out = [], []
+    flush = relay_module.Peer.flush
+
+    def counted(peer):
+        if peer._pending:
+            writes.append(1)
+            frames_out.append(len(peer._pending))
+        flush(peer)
+
+    monkeypatch.setattr(relay_module.Peer, "flush", counted)
+    relay = await RelayServer("127.0.0.1").start()
+    clock = asyncio.Event()
+
+    async def stepped(n):  # one engine: every stream's step n comes in the same loop iteration
+        for i in range(1, n + 1):
+            await clock.wait()
+            yield StreamItem([{"text": f"t{i}", "index": 0, "logprobs": None, "finish_reason": None}], Usage(2, i))
+
+    async def ticks():
+        while True:
+            clock.set()
+            await asyncio.sleep(0)
+            clock.clear()
+            await asyncio.sleep(0.002)
+
+    ticking = asyncio.ensure_future(ticks())
+    results = await asyncio.gather(*(run(stepped(30), relay) for _ in range(64)))
+    ticking.cancel()
+    assert sum(frames_out) >= 64 * 29 and len(writes) * 8 < sum(frames_out)
+    for first, batches, progress in results:
+        assert [t for batch in batches for _, t in batch] == list(range(2, 31)) and progress.ended
+    assert [key for key in links() if key[1] == relay.port] == [("127.0.0.1", relay.port)]
+    relay.close()
+
+
+async def test_one_stream_leaving_does_not_touch_the_others():
+    relay = await RelayServer("127.0.0.1").start()
+    closed = []
+    leaver = served(engine(10_000, step_s=0.001, closed=closed), request(), relay, Progress())
+    await anext(leaver)
+    ticket = ticket_of(await anext(leaver))
+    pump = asyncio.ensure_future(anext(leaver, None))
+    stayer = asyncio.ensure_future(run(engine(40, step_s=0.002), relay))
+    batches = frames(ticket)
+    await anext(batches)
+    await batches.aclose()
+    assert await asyncio.wait_for(pump, 5) is None and closed == [True]
+    _, got, progress = await asyncio.wait_for(stayer, 10)
+    assert [t for batch in got for _, t in batch] == list(range(2, 41)) and progress.ended
+    relay.close()
+
+
+async def test_a_lost_connection_ends_every_stream_on_it_both_ways():
+    """The replica's process dying closes the connection: every reader gets RelayClosed; the ingress's dying
+    closes it the other way: every engine stops at its next frame."""
+    relay = await RelayServer("127.0.0.1").start()
+    closed, pumps, readers = [], [], []
+    for _ in range(3):
+        replica = served(engine(10_000, step_s=0.001, closed=closed), request(), relay, Progress())
+        await anext(replica)
+        ticket = ticket_of(await anext(replica))
+        pumps.append(asyncio.ensure_future(anext(replica, None)))
+        readers.append(frames(ticket))
+    for reader in readers:
+        await anext(reader)
+    link = links()[("127.0.0.1", relay.port)].result()
+    link.transport.abort()  # the ingress side's socket goes: as if its process died
+    assert [await asyncio.wait_for(p, 5) for p in pumps] == [None] * 3 and closed == [True] * 3
+    for reader in readers:
+        with pytest.raises(RelayClosed):
+            while True:  # what had arrived, then the error
+                await anext(reader)
+    relay.close()
+
+
+async def test_a_replica_connection_that_drops_fails_its_readers():
+    relay = await RelayServer("127.0.0.1").start()
+    replica = served(engine(10_000, step_s=0.001), request(), relay, Progress())
+    await anext(replica)
+    ticket = ticket_of(await anext(replica))
+    pump = asyncio.ensure_future(anext(replica, None))
+    reader = frames(ticket)
+    await anext(reader)
+    (peer,) = {sink.peer for sink in _sinks(relay)}
+    peer.transport.abort()  # the replica's side of the socket goes
+    with pytest.raises(RelayClosed):
+        while True:
+            await anext(reader)
+    assert await asyncio.wait_for(pump, 5) is None
+    relay.close()
+
+
+async def test_bytes_that_are_not_the_relay_close_the_connection():
+    relay = await RelayServer("127.0.0.1").start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing said
+    writer.close()
+    relay.close()
+
+
+def _sinks(relay: RelayServer):
+    import gc
+
+    return [o for o in gc.get_objects() if isinstance(o, relay_module.Sink) and not o.closed
+            and o.peer.server is relay]
