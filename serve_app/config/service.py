@@ -233,9 +233,14 @@ class ServiceConfig(BaseModel):
     default_concurrency: Annotated[int, Field(ge=0)] = 0  # requests in flight per key; 0: no cap (as rpm/tpm)
     reservation_ttl_s: Annotated[float, Field(gt=0)] = 900
     max_request_s: Annotated[float, Field(gt=0)] = 900
-    # How a stream's tokens cross from the model replica to the ingress: `relay`, bytes on a socket of their own
-    # (deployments/relay.py), or `handle`, one Serve handle message per engine step.
+    # How a stream's tokens cross from the model replica to the ingress: `relay`, bytes on a connection shared by
+    # the streams between an ingress and a replica (deployments/relay.py), or `handle`, one Serve handle message per
+    # engine step.
     stream_transport: Literal["relay", "handle"] = "relay"
+    # Serve's own access-log line per request on the ingress and each model replica. Off: the request log
+    # (telemetry/metrics.py) already has one line per request, with its key, status and cost, and Serve's lines
+    # cost the ingress about 4% of its CPU per request.
+    serve_access_log: bool = False
     delivery_checkpoint_s: Annotated[float, Field(gt=0)] = 2.0  # what an ingress crash can leave unbilled, at most
     first_item_timeout_s: Annotated[float, Field(gt=0)] = 120
     replica_wait_s: Annotated[float, Field(gt=0)] = 30

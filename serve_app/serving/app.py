@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.schema import LoggingConfig
 
 from deployments.model_server import ModelServer
 from serve_app.config.paths import ROOT
@@ -44,14 +45,14 @@ def placement(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any], dict[str
     return actor, options, engine
 
 
-def model_deployment(spec: ModelSpec, drain_s: float) -> Application:
+def model_deployment(spec: ModelSpec, drain_s: float, logging: LoggingConfig) -> Application:
     """A replica being stopped (downscale, redeploy) gets no new requests and finishes the ones it runs for up to
     `drain_s`, the longest request allowed, before Serve ends it (Serve's default is 20 s)."""
     actor, options, engine = placement(spec)
     options.update(name=spec.deployment_name(), ray_actor_options=actor,
                    max_ongoing_requests=spec.max_ongoing_requests,
                    max_queued_requests=spec.queue_limit if spec.queue_limit is not None else -1,
-                   graceful_shutdown_timeout_s=drain_s)
+                   graceful_shutdown_timeout_s=drain_s, logging_config=logging)
     if spec.autoscaling is not None:
         options["autoscaling_config"] = spec.autoscaling.model_dump(exclude_none=True)
     else:
@@ -62,13 +63,14 @@ def model_deployment(spec: ModelSpec, drain_s: float) -> Application:
 
 def build_app(args: dict[str, Any]) -> Application:
     config = ServiceConfig.model_validate(args)
-    handles = {spec.id: model_deployment(spec, config.drain_s) for spec in config.models}
+    logging = LoggingConfig(enable_access_log=config.serve_access_log)
+    handles = {spec.id: model_deployment(spec, config.drain_s, logging) for spec in config.models}
     actor: dict[str, Any] = {"num_cpus": config.ingress.num_cpus}
     if config.ingress.label_selector:
         actor["label_selector"] = dict(config.ingress.label_selector)
     ingress = Ingress.options(
         num_replicas=config.ingress.num_replicas, max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options=actor)
+        ray_actor_options=actor, logging_config=logging)
     # Beside the ingress (on the head in production, where the database's credentials are mounted).
     exporter = LedgerExporter.options(ray_actor_options={**actor, "num_cpus": 0.1}).bind(
         config.ledger.resolved(ROOT).model_dump(mode="json"), config.redis_url)
