@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from deployments.heap import freeze_startup_heap
 from deployments.relay import Progress, RelayServer, served
 from deployments.wire import GenerationRequest
 from serve_app.telemetry.logs import configure_logging
@@ -45,6 +46,7 @@ class ModelServer:
         import ray
 
         self.relay = await RelayServer(ray.util.get_node_ip_address()).start()  # this node's address only
+        freeze_startup_heap()  # no full collection walks vLLM, torch and Ray again (deployments/heap.py)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[tuple]:
         """Items as `wire.outgoing` makes them; for a relayed stream, the first one, then the relay's ticket, then

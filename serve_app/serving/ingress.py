@@ -7,6 +7,7 @@ import logging
 
 from ray import serve
 
+from deployments.heap import freeze_startup_heap
 from serve_app.config.service import ServiceConfig
 from serve_app.serving.gateway import Gateway
 from serve_app.telemetry.logs import configure_logging
@@ -41,6 +42,7 @@ class Ingress:
         configure_logging()
         rebind_after_a_crash()  # Serve starts the replica's HTTP server after this constructor
         self.gateway = Gateway.build(ServiceConfig.model_validate(config), handles, ledger=ledger)
+        freeze_startup_heap()  # no full collection walks the tokenizers and Ray again (deployments/heap.py)
 
     def __serve_build_asgi_app__(self):
         return self.gateway.app()
