@@ -38,6 +38,7 @@ CONNECT_S = 120.0
 END_DRAIN_S = 30.0  # how long a finished stream's last bytes may wait for a slow reader
 HIGH_WATER = 1 << 20  # bytes a replica lets queue on a connection before its streams wait
 MAX_MESSAGE = 1 << 24  # a frame longer than this is not the relay speaking: the connection is dropped
+MAX_REFUSALS = 64  # unknown tickets one connection may present before it is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +117,20 @@ class Peer(asyncio.Protocol):
         self._pending: list[bytes] = []
         self._paused = False
         self._drained: asyncio.Future | None = None
+        self._refusals = 0
+        self._claimed = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         # Paused whenever the kernel did not take everything, resumed once it has: `drained` can wait for that.
         transport.set_write_buffer_limits(high=0, low=0)
         keepalive(transport)
+        # An ingress claims a stream as soon as it connects; a connection that never does is not one.
+        asyncio.get_running_loop().call_later(CONNECT_S, self._unclaimed)
+
+    def _unclaimed(self) -> None:
+        if not self._claimed and not self.lost:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data
@@ -139,15 +148,22 @@ class Peer(asyncio.Protocol):
                 if (sink := self.sinks.pop(sid, None)) is not None:
                     sink.closed = True
             else:  # not the relay's client
-                self.transport.close()
+                self.transport.abort()
                 return
         self._buffer = buffer[offset:]
+        if self.backlog() > HIGH_WATER:  # a client that sends and never reads: read no more until it does
+            self.transport.pause_reading()
 
     def _claim(self, sid: int, secret: bytes) -> None:
         waiter = self.server.claim(secret)
         if waiter is None or sid in self.sinks:
+            self._refusals += 1
+            if self._refusals > MAX_REFUSALS:  # guessing tickets
+                self.transport.abort()
+                return
             self.queue(HEADER.pack(sid, 0, 0, REFUSED))
             return
+        self._claimed = True
         self.sinks[sid] = sink = Sink(self, sid)
         waiter.set_result(sink)
 
@@ -178,6 +194,8 @@ class Peer(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        if not self.lost:
+            self.transport.resume_reading()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -188,6 +206,10 @@ class Peer(asyncio.Protocol):
             sink.closed = True
         self.sinks.clear()
         self.resume_writing()
+
+
+class IngressGone(ConnectionResetError):
+    """The ingress cancelled the stream (its client left) or its connection closed: nobody to send to."""
 
 
 class Sink:
@@ -201,7 +223,9 @@ class Sink:
     async def send(self, payload: bytes, completion_tokens: int) -> None:
         """Raises ConnectionError when the ingress has gone or cancelled the stream: the replica stops generating."""
         if self.closed:
-            raise ConnectionResetError("the ingress closed the stream")
+            raise IngressGone("the ingress closed the stream")
+        if len(payload) > MAX_MESSAGE:  # the ingress would drop the connection, and every stream on it
+            raise ValueError(f"an item of {len(payload)} bytes is beyond the relay's frame limit")
         self.peer.queue(HEADER.pack(self.sid, len(payload), completion_tokens, DATA) + payload)
         if self.peer.backlog() > HIGH_WATER:  # a slow ingress: every stream on its connection waits
             await self.peer.drained()
@@ -260,9 +284,8 @@ async def served(items, req: GenerationRequest, relay: RelayServer | None, progr
         progress.ended = True
         if sink is not None:
             await sink.end(progress.produced)
-    except (ConnectionError, TimeoutError):  # the ingress went away (or never came): nobody to send to
-        if sink is None:
-            raise
+    except IngressGone:  # raised by the sink only: the engine's own errors are reported as such below
+        pass
     except Exception as exc:
         if sink is None:
             raise
@@ -270,7 +293,7 @@ async def served(items, req: GenerationRequest, relay: RelayServer | None, progr
     finally:
         if waiter is not None and not waiter.done():  # closed before the ingress came: the ticket opens nothing
             waiter.cancel()
-        await items.aclose()
-        if sink is not None:
+        if sink is not None:  # first: synchronous, whatever closing the engine's generator raises
             sink.abort()
+        await items.aclose()
 

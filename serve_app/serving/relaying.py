@@ -26,6 +26,8 @@ from deployments.relay import (
 )
 from deployments.wire import EngineFailure, InvalidSampling, StreamItem, Usage
 
+INBOX_BYTES = 32 << 20  # what one stream may hold in the ingress for a client that does not read: then it is cut
+
 
 async def relayed(ticket: Ticket, frame, outcome, received, prompt_tokens: int):
     """Yields ready bytes. `outcome.usage` is what was produced, `received.delivered` what the client was given (the
@@ -51,10 +53,11 @@ class RelayClosed(ConnectionError):
 class Inbox:
     """One stream's frames as they arrive, in the ingress, until its consumer takes them."""
 
-    __slots__ = ("ending", "items", "waiter")
+    __slots__ = ("ending", "items", "size", "waiter")
 
     def __init__(self):
         self.items: list[tuple[bytes, int]] = []
+        self.size = 0  # bytes received since its consumer last took them
         self.ending: bool | BaseException | None = None  # True at the end frame, or the error to raise
         self.waiter: asyncio.Future | None = None
 
@@ -67,7 +70,7 @@ class Inbox:
         if not self.items and self.ending is None:
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
-        items, self.items = self.items, []
+        items, self.items, self.size = self.items, [], 0
         return items, self.ending
 
 
@@ -88,7 +91,11 @@ class Link(asyncio.Protocol):
 
     def claim(self, secret: bytes) -> tuple[int, Inbox]:
         self._next = sid = (self._next + 1) & 0xFFFFFFFF
-        self.inboxes[sid] = inbox = Inbox()
+        inbox = Inbox()
+        if self.lost:  # gone between the connection's setup and this claim
+            inbox.ending = RelayClosed("the model replica closed the connection")
+            return sid, inbox
+        self.inboxes[sid] = inbox
         self.transport.write(CONTROL.pack(CLAIM, sid) + secret)
         return sid, inbox
 
@@ -99,12 +106,19 @@ class Link(asyncio.Protocol):
             self.transport.write(CONTROL.pack(CANCEL, sid))
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data
-        offset, size, woken = 0, len(buffer), []
+        woken: list[Inbox] = []
+        try:
+            self._parse(self._buffer + data, woken)
+        finally:
+            for inbox in woken:  # once each, after the whole read: a stream's frames of this read are one batch
+                inbox.wake()
+
+    def _parse(self, buffer: bytes, woken: list[Inbox]) -> None:
+        offset, size = 0, len(buffer)
         while size - offset >= HEADER.size:
             sid, length, tokens, kind = HEADER.unpack_from(buffer, offset)
-            if length > MAX_MESSAGE:
-                self.transport.close()
+            if length > MAX_MESSAGE:  # not the relay speaking: every stream on it fails (connection_lost)
+                self.transport.abort()
                 return
             start = offset + HEADER.size
             if size - start < length:
@@ -115,6 +129,11 @@ class Link(asyncio.Protocol):
                 continue
             if kind == DATA:
                 inbox.items.append((buffer[start:offset], tokens))
+                inbox.size += length
+                if inbox.size > INBOX_BYTES:  # its client reads far slower than the engine writes
+                    del self.inboxes[sid]
+                    self.transport.write(CONTROL.pack(CANCEL, sid))
+                    inbox.ending = RelayClosed("the client read the stream too slowly")
             else:
                 del self.inboxes[sid]
                 message = buffer[start:offset].decode(errors="replace")
@@ -124,12 +143,12 @@ class Link(asyncio.Protocol):
                                 "the model replica cut the stream off")
             woken.append(inbox)
         self._buffer = buffer[offset:]
-        for inbox in woken:  # once each, after the whole read: a stream's frames of this read are one batch
-            inbox.wake()
 
     def connection_lost(self, exc) -> None:
         self.lost = True
-        if (pending := self.table.get(self.key)) is not None and pending.done() and pending.result() is self:
+        pending = self.table.get(self.key)
+        if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None \
+                and pending.result() is self:
             del self.table[self.key]
         for inbox in self.inboxes.values():
             inbox.ending = RelayClosed("the model replica closed the stream")
@@ -154,19 +173,23 @@ def links() -> dict[tuple[str, int], asyncio.Future]:
 async def _link(host: str, port: int) -> Link:
     loop, table, key = asyncio.get_running_loop(), links(), (host, port)
     pending = table.get(key)
-    if pending is None:  # a failed or lost connection leaves the table: the next stream connects anew
-        pending = table[key] = loop.create_future()
-        try:
-            _, link = await asyncio.wait_for(loop.create_connection(lambda: Link(table, key), host, port),
-                                             CONNECT_S)
-        except BaseException as exc:
-            del table[key]
-            pending.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
-            pending.exception()  # retrieved: no "never retrieved" warning when nobody else waited
-            raise
-        pending.set_result(link)
-        return link
+    if pending is None or (pending.done() and not pending.cancelled() and pending.exception() is None
+                           and pending.result().lost):  # failed or lost: the next stream connects anew
+        # A task of its own: the stream that started it leaving (its client gone) does not fail the others waiting.
+        pending = table[key] = loop.create_task(_connect(table, key))
+        pending.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, if nobody waits
     return await asyncio.shield(pending)
+
+
+async def _connect(table: dict, key: tuple[str, int]) -> Link:
+    loop = asyncio.get_running_loop()
+    try:
+        _, link = await asyncio.wait_for(loop.create_connection(lambda: Link(table, key), *key), CONNECT_S)
+    except BaseException:
+        if table.get(key) is asyncio.current_task():
+            del table[key]
+        raise
+    return link
 
 
 async def frames(ticket: Ticket):

@@ -241,3 +241,106 @@ def _sinks(relay: RelayServer):
 
     return [o for o in gc.get_objects() if isinstance(o, relay_module.Sink) and not o.closed
             and o.peer.server is relay]
+
+
+async def test_a_stream_leaving_while_the_connection_opens_does_not_fail_the_others():
+    relay = await RelayServer("127.0.0.1").start()
+    leaver, stayer = relay.expect()[0], relay.expect()
+    first = asyncio.ensure_future(anext(frames(leaver)))
+    second_reader = frames(stayer[0])
+    second = asyncio.ensure_future(anext(second_reader))
+    await asyncio.sleep(0)  # both wait on the one connection being opened
+    first.cancel()
+    sink = await asyncio.wait_for(stayer[1], 5)  # the second stream's claim still arrives
+    await sink.send(b"[1]", 2)
+    assert await asyncio.wait_for(second, 5) == [(b"[1]", 2)]
+    await second_reader.aclose()
+    relay.close()
+
+
+async def test_a_claim_on_a_lost_connection_fails_at_once_and_the_next_stream_reconnects():
+    relay = await RelayServer("127.0.0.1").start()
+    ticket, waiter = relay.expect()
+    reader = frames(ticket)
+    pending = asyncio.ensure_future(anext(reader))
+    sink = await asyncio.wait_for(waiter, 5)
+    link = links()[("127.0.0.1", relay.port)].result()
+    link.transport.abort()
+    await asyncio.sleep(0.01)
+    assert link.lost
+    _, inbox = link.claim(b"y" * 16)  # a stream that came for the dead connection: ended, not left waiting
+    assert isinstance((await asyncio.wait_for(inbox.take(), 1))[1], RelayClosed)
+    with pytest.raises(RelayClosed):
+        await pending
+    assert sink.closed
+    again, waiter = relay.expect()
+    fresh = frames(again)
+    got = asyncio.ensure_future(anext(fresh))
+    await (await asyncio.wait_for(waiter, 5)).send(b"[2]", 3)
+    assert await asyncio.wait_for(got, 5) == [(b"[2]", 3)]
+    await fresh.aclose()
+    relay.close()
+
+
+async def test_a_frame_beyond_the_limit_fails_every_waiting_stream():
+    async def impostor(reader, writer):  # claims pass, then a frame no relay would send
+        await reader.readexactly(2 * (5 + 16))
+        writer.write(relay_module.HEADER.pack(1, 0, 1, relay_module.END)
+                     + relay_module.HEADER.pack(2, relay_module.MAX_MESSAGE + 1, 0, relay_module.DATA))
+        await writer.drain()
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ended, failed = frames(Ticket("127.0.0.1", port, b"a" * 16)), frames(Ticket("127.0.0.1", port, b"b" * 16))
+    results = await asyncio.wait_for(asyncio.gather(anext(ended, "end"), anext(failed), return_exceptions=True), 5)
+    assert results[0] == "end" and isinstance(results[1], RelayClosed)
+    server.close()
+
+
+async def test_an_engine_error_after_the_claim_is_the_engines_not_a_cut_off():
+    relay = await RelayServer("127.0.0.1").start()
+    with pytest.raises(EngineFailure, match="engine timed out"):
+        await run(engine(5, TimeoutError("engine timed out")), relay)
+    relay.close()
+
+
+async def test_guessing_tickets_or_never_claiming_gets_the_connection_dropped(monkeypatch):
+    relay = await RelayServer("127.0.0.1").start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    for sid in range(relay_module.MAX_REFUSALS + 5):
+        writer.write(relay_module.CONTROL.pack(relay_module.CLAIM, sid) + bytes(16))
+    data = await asyncio.wait_for(reader.read(), 5)  # refusals (at most the limit's), then the connection closes
+    assert len(data) % relay_module.HEADER.size == 0 and len(data) <= relay_module.MAX_REFUSALS * 13
+    writer.close()
+    monkeypatch.setattr(relay_module, "CONNECT_S", 0.05)
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # silent and never claiming: dropped
+    writer.close()
+    relay.close()
+
+
+async def test_a_client_that_does_not_read_loses_its_own_stream_only(monkeypatch):
+    from serve_app.serving import relaying
+
+    monkeypatch.setattr(relaying, "INBOX_BYTES", 64)
+    relay = await RelayServer("127.0.0.1").start()
+    (slow, slow_waiter), (fast, fast_waiter) = relay.expect(), relay.expect()
+    slow_reader, fast_reader = frames(slow), frames(fast)
+    slow_first = asyncio.ensure_future(anext(slow_reader))
+    fast_first = asyncio.ensure_future(anext(fast_reader))
+    slow_sink, fast_sink = await asyncio.wait_for(slow_waiter, 5), await asyncio.wait_for(fast_waiter, 5)
+    await slow_sink.send(b"[0]", 1)
+    await fast_sink.send(b"[0]", 1)
+    await slow_first, await fast_first
+    for i in range(40):  # the slow stream's consumer takes nothing meanwhile
+        await slow_sink.send(b"[1]", i + 2)
+    await asyncio.sleep(0.05)
+    with pytest.raises(RelayClosed, match="too slowly"):
+        while True:
+            await anext(slow_reader)
+    await asyncio.sleep(0.05)
+    assert slow_sink.closed and not fast_sink.closed  # cancelled on the replica: its engine stops
+    await fast_sink.send(b"[2]", 2)
+    assert await asyncio.wait_for(anext(fast_reader), 5) == [(b"[2]", 2)]
+    await fast_reader.aclose()
+    relay.close()
