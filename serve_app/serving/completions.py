@@ -249,17 +249,16 @@ class CompletionPath:
         if check is not None and check.done() and await call.screening.input_verdict() is not None:
             return None
         if check is None or check.done():  # nothing to race: no task of its own
-            return await asyncio.wait_for(_item(stream, call.gen.prompt_tokens), self.first_item_timeout_s)
-        first = asyncio.ensure_future(asyncio.wait_for(_item(stream, call.gen.prompt_tokens),
-                                                       self.first_item_timeout_s))
+            return await _first_item(stream, call.gen.prompt_tokens, self.first_item_timeout_s)
+        first = asyncio.ensure_future(_first_item(stream, call.gen.prompt_tokens, self.first_item_timeout_s))
         try:
             await asyncio.wait((first, check), return_when=asyncio.FIRST_COMPLETED)
             if not first.done() and await call.screening.input_verdict() is not None:
-                first.cancel()
+                _abandon(first)
                 return None
             return await first
         except BaseException:
-            first.cancel()
+            _abandon(first)
             raise
 
     async def _events(self, call: Call, stream, first: StreamItem, gate: Gate | None):
@@ -380,6 +379,20 @@ async def _item(stream, prompt_tokens: int, default=_END) -> StreamItem | Ticket
     """The next item from the model's stream (`wire.incoming`), or the relay's ticket; `default` at its end."""
     raw = await anext(stream) if default is _END else await anext(stream, _END)
     return default if raw is _END else (ticket_of(raw) or incoming(raw, prompt_tokens))
+
+
+async def _first_item(stream, prompt_tokens: int, timeout_s: float) -> StreamItem | Ticket | None:
+    """The stream's first item within `timeout_s` (in this task: `wait_for` would run it in a task of its own,
+    whose RequestCancelledError, Serve's form of a cancellation, nobody would retrieve)."""
+    async with asyncio.timeout(timeout_s):
+        return await _item(stream, prompt_tokens)
+
+
+def _abandon(task: asyncio.Future) -> None:
+    """Cancels a task nobody will await; whatever it ends with (Serve's RequestCancelledError for a cancelled
+    handle stream) is retrieved, so it is not logged as a traceback."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def usage_with_cost(usage: Usage, charged: int | None) -> dict:

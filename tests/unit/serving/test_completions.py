@@ -332,3 +332,39 @@ async def test_an_address_that_keeps_sending_unknown_keys_is_throttled_before_th
     res = await harness.post(body(), key="qbt_" + "y" * 40)
     assert res.status_code == 429 and error_of(res)["code"] == "rate_limit_exceeded"
     assert int(res.headers["retry-after"]) >= 1 and harness.billing.admitted == []
+
+
+async def test_a_first_item_given_up_leaves_no_unretrieved_error():
+    """The input guard refusing before the first item: the handle stream is cancelled, and Serve's handle turns
+    that into RequestCancelledError in the task waiting for the item; nobody awaits it, and nothing is logged."""
+    import gc
+
+    from serve_app.serving.completions import _abandon, _first_item
+
+    class CancelledByServe(Exception):
+        pass
+
+    class Stream:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                raise CancelledByServe("cancelled") from None
+
+    loop = asyncio.get_running_loop()
+    reported = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        first = asyncio.ensure_future(_first_item(Stream(), 3, 5))
+        await asyncio.sleep(0)
+        _abandon(first)
+        await asyncio.sleep(0.01)
+        assert first.done() and not first.cancelled()  # it ended with Serve's error, which nobody awaited
+        del first
+        gc.collect()
+        assert reported == []
+    finally:
+        loop.set_exception_handler(None)
