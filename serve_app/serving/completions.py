@@ -2,8 +2,7 @@
 authenticate and validate, route, tokenize, admit (one Redis trip); the input guard runs beside generation; tokens
 stream (through the output gate); the request settles (one Redis trip), and its cost is in the usage. A plain
 object built from its collaborators, so it runs without Ray; what differs between the two endpoints is in
-`endpoints.py`.
-"""
+`endpoints.py`."""
 
 from __future__ import annotations
 
@@ -382,15 +381,12 @@ async def _item(stream, prompt_tokens: int, default=_END) -> StreamItem | Ticket
 
 
 async def _first_item(stream, prompt_tokens: int, timeout_s: float) -> StreamItem | Ticket | None:
-    """The stream's first item within `timeout_s` (in this task: `wait_for` would run it in a task of its own,
-    whose RequestCancelledError, Serve's form of a cancellation, nobody would retrieve)."""
+    """In this task: `wait_for` would run it in one of its own, whose RequestCancelledError nobody retrieves."""
     async with asyncio.timeout(timeout_s):
         return await _item(stream, prompt_tokens)
 
 
-def _abandon(task: asyncio.Future) -> None:
-    """Cancels a task nobody will await; whatever it ends with (Serve's RequestCancelledError for a cancelled
-    handle stream) is retrieved, so it is not logged as a traceback."""
+def _abandon(task: asyncio.Future) -> None:  # its ending (Serve's RequestCancelledError) retrieved, never logged
     task.cancel()
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
