@@ -14,8 +14,8 @@ on its connection to that replica. The handle's stream stays open and idle meanw
 reaches the engine: the ingress cancels it when the client leaves (and sends a cancel for the stream), and Serve
 cancels it when the ingress dies (whose connection closing stops every stream on it). Only rendered streams (no
 output gate reading the choices) take this path. The ticket crosses the handle, Ray's authenticated channel; the
-connection carries nothing to anyone without it. The ingress's side is `serve_app/serving/relaying.py`; the wire format is here, for both. Kept free of vLLM
-imports: the ingress imports it too."""
+connection carries nothing to anyone without it. The ingress's side is `serve_app/serving/relaying.py`; the wire
+format is here, for both. Kept free of vLLM imports: the ingress imports it too."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from deployments.relay import Ticket, ticket_of
-from deployments.wire import GenerationRequest, StreamItem, Usage, incoming
+from deployments.relay import Ticket
+from deployments.wire import GenerationRequest, StreamItem, Usage
 from serve_app.api.encoding import DONE, CompletionFrame, dumps, event
 from serve_app.api.errors import ApiError, Code, invalid, upstream
 from serve_app.api.http import JSON, error_response, read_json
@@ -34,6 +34,7 @@ from serve_app.safety.policy import GuardMode
 from serve_app.safety.stage import Gate, SafetyStage, Screening
 from serve_app.money.units import micros_to_cost
 from serve_app.serving.endpoints import Completions
+from serve_app.serving.model_stream import abandon, first_item, next_item
 from serve_app.serving.relaying import relayed
 from serve_app.serving.routing import ModelRoute, ModelRouter
 from serve_app.telemetry.metrics import IngressMetrics, RequestRecord, record_request
@@ -248,16 +249,16 @@ class CompletionPath:
         if check is not None and check.done() and await call.screening.input_verdict() is not None:
             return None
         if check is None or check.done():  # nothing to race: no task of its own
-            return await _first_item(stream, call.gen.prompt_tokens, self.first_item_timeout_s)
-        first = asyncio.ensure_future(_first_item(stream, call.gen.prompt_tokens, self.first_item_timeout_s))
+            return await first_item(stream, call.gen.prompt_tokens, self.first_item_timeout_s)
+        first = asyncio.ensure_future(first_item(stream, call.gen.prompt_tokens, self.first_item_timeout_s))
         try:
             await asyncio.wait((first, check), return_when=asyncio.FIRST_COMPLETED)
             if not first.done() and await call.screening.input_verdict() is not None:
-                _abandon(first)
+                abandon(first)
                 return None
             return await first
         except BaseException:
-            _abandon(first)
+            abandon(first)
             raise
 
     async def _events(self, call: Call, stream, first: StreamItem, gate: Gate | None):
@@ -286,7 +287,7 @@ class CompletionPath:
                         received.delivered = item.usage
                     if gate.blocked:
                         break
-                item = await _item(stream, prompt_tokens, None)
+                item = await next_item(stream, prompt_tokens, None)
                 if isinstance(item, Ticket):  # the rest comes as bytes on the relay's socket
                     async for ready in relayed(item, frame, outcome, received, prompt_tokens):
                         yield ready
@@ -369,26 +370,6 @@ class EventStream(StreamingResponse):
     def __init__(self, events, call: Call, stream, first: StreamItem, headers: dict[str, str]):
         super().__init__(events, headers=headers, media_type="text/event-stream")
         self.call, self.stream, self.first = call, stream, first
-
-
-_END = object()
-
-
-async def _item(stream, prompt_tokens: int, default=_END) -> StreamItem | Ticket | None:
-    """The next item from the model's stream (`wire.incoming`), or the relay's ticket; `default` at its end."""
-    raw = await anext(stream) if default is _END else await anext(stream, _END)
-    return default if raw is _END else (ticket_of(raw) or incoming(raw, prompt_tokens))
-
-
-async def _first_item(stream, prompt_tokens: int, timeout_s: float) -> StreamItem | Ticket | None:
-    """In this task: `wait_for` would run it in one of its own, whose RequestCancelledError nobody retrieves."""
-    async with asyncio.timeout(timeout_s):
-        return await _item(stream, prompt_tokens)
-
-
-def _abandon(task: asyncio.Future) -> None:  # its ending (Serve's RequestCancelledError) retrieved, never logged
-    task.cancel()
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def usage_with_cost(usage: Usage, charged: int | None) -> dict:

@@ -49,8 +49,10 @@ def test_replica_death_mid_stream_is_in_band_and_the_replica_comes_back(sim_stac
     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "upstream_error"
     delivered = sum(len(c["text"]) for line in lines[:-2] for c in json.loads(line[6:])["choices"])
     (row,) = wait_for_rows(r, customer.account, 1)
-    assert row["status"] == "interrupted" and row["completion_tokens"] == delivered == 5  # what the client got
-    assert row["cost_micros"] == lua_cost(r, row["prompt_tokens"], 5, 500_000, 1_500_000)
+    # What the client got, and it pays for exactly that. The engine made 5; the relay flushes a step's frames at the
+    # loop's next turn, so the last step's, queued when the process died in the same turn, may be lost with it.
+    assert row["status"] == "interrupted" and row["completion_tokens"] == delivered in (4, 5)
+    assert row["cost_micros"] == lua_cost(r, row["prompt_tokens"], delivered, 500_000, 1_500_000)
     assert int(r.hget(keyspace.account_record(customer.account), "reserved")) == 0
     deadline = time.monotonic() + 120
     while True:
