@@ -145,8 +145,8 @@ class Peer(asyncio.Protocol):
                 offset = start + TICKET_BYTES
             elif kind == CANCEL:
                 offset += CONTROL.size
-                if (sink := self.sinks.pop(sid, None)) is not None:
-                    sink.closed = True
+                if (sink := self.sinks.get(sid)) is not None:
+                    sink.release()
             else:  # not the relay's client
                 self.transport.abort()
                 return
@@ -244,6 +244,7 @@ class Sink:
             pass
 
     def release(self) -> None:
+        """Closed for good, from either end: the replica's (ended, cut off) or the ingress's (cancelled)."""
         self.closed = True
         if self.peer.sinks.get(self.sid) is self:
             del self.peer.sinks[self.sid]

@@ -52,6 +52,15 @@ async def run(items, relay, req=None):
     return first, batches, progress
 
 
+async def opened(relay, items, progress: Progress | None = None):
+    """A stream the replica serves and the ingress has started reading: (the replica's pump, the ingress's reader)."""
+    replica = served(items, request(), relay, progress or Progress())
+    await anext(replica)
+    ticket = ticket_of(await anext(replica))
+    pump = asyncio.ensure_future(anext(replica, None))  # the replica waits for the connection, then pumps
+    return pump, frames(ticket)
+
+
 async def test_the_rest_of_a_stream_comes_as_frames_with_the_meter():
     relay = await RelayServer("127.0.0.1").start()
     first, batches, progress = await run(engine(50), relay)
@@ -76,11 +85,7 @@ async def test_an_engine_error_after_the_first_item_arrives_as_the_same_exceptio
 async def test_a_reader_that_leaves_stops_the_engine():
     relay = await RelayServer("127.0.0.1").start()
     closed, progress = [], Progress()
-    replica = served(engine(10_000, step_s=0.001, closed=closed), request(), relay, progress)
-    await anext(replica)
-    ticket = ticket_of(await anext(replica))
-    pump = asyncio.ensure_future(anext(replica, None))
-    batches = frames(ticket)
+    pump, batches = await opened(relay, engine(10_000, step_s=0.001, closed=closed), progress)
     await anext(batches)
     await batches.aclose()  # the client went away: the ingress closes the socket
     assert await asyncio.wait_for(pump, 5) is None
@@ -90,12 +95,9 @@ async def test_a_reader_that_leaves_stops_the_engine():
 
 async def test_a_replica_that_dies_is_an_error_not_an_end():
     relay = await RelayServer("127.0.0.1").start()
-    replica = served(engine(10_000, step_s=0.001), request(), relay, Progress())
-    await anext(replica)
-    ticket = ticket_of(await anext(replica))
-    pump = asyncio.ensure_future(anext(replica, None))
+    pump, batches = await opened(relay, engine(10_000, step_s=0.001))
     with pytest.raises(RelayClosed):
-        async for _ in frames(ticket):
+        async for _ in batches:
             pump.cancel()  # the replica's generator is cancelled mid-stream: its socket closes without an end
     relay.close()
 
@@ -173,12 +175,8 @@ async def test_many_streams_share_one_connection_and_each_gets_its_own_frames(mo
 async def test_one_stream_leaving_does_not_touch_the_others():
     relay = await RelayServer("127.0.0.1").start()
     closed = []
-    leaver = served(engine(10_000, step_s=0.001, closed=closed), request(), relay, Progress())
-    await anext(leaver)
-    ticket = ticket_of(await anext(leaver))
-    pump = asyncio.ensure_future(anext(leaver, None))
+    pump, batches = await opened(relay, engine(10_000, step_s=0.001, closed=closed))
     stayer = asyncio.ensure_future(run(engine(40, step_s=0.002), relay))
-    batches = frames(ticket)
     await anext(batches)
     await batches.aclose()
     assert await asyncio.wait_for(pump, 5) is None and closed == [True]
@@ -193,11 +191,9 @@ async def test_a_lost_connection_ends_every_stream_on_it_both_ways():
     relay = await RelayServer("127.0.0.1").start()
     closed, pumps, readers = [], [], []
     for _ in range(3):
-        replica = served(engine(10_000, step_s=0.001, closed=closed), request(), relay, Progress())
-        await anext(replica)
-        ticket = ticket_of(await anext(replica))
-        pumps.append(asyncio.ensure_future(anext(replica, None)))
-        readers.append(frames(ticket))
+        pump, reader = await opened(relay, engine(10_000, step_s=0.001, closed=closed))
+        pumps.append(pump)
+        readers.append(reader)
     for reader in readers:
         await anext(reader)
     link = links()[("127.0.0.1", relay.port)].result()
@@ -212,11 +208,7 @@ async def test_a_lost_connection_ends_every_stream_on_it_both_ways():
 
 async def test_a_replica_connection_that_drops_fails_its_readers():
     relay = await RelayServer("127.0.0.1").start()
-    replica = served(engine(10_000, step_s=0.001), request(), relay, Progress())
-    await anext(replica)
-    ticket = ticket_of(await anext(replica))
-    pump = asyncio.ensure_future(anext(replica, None))
-    reader = frames(ticket)
+    pump, reader = await opened(relay, engine(10_000, step_s=0.001))
     await anext(reader)
     (peer,) = {sink.peer for sink in _sinks(relay)}
     peer.transport.abort()  # the replica's side of the socket goes
