@@ -74,8 +74,8 @@ faults: install dev-models
 bench: install dev-models
 	$(BIN)/pip install --progress-bar off -q -c constraints-cpu.txt "torch==2.13.0+cpu" -e ".[cpu,dev,bench]"
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
-	$(BIN)/python -m benchmarks.gateway --rounds 5 --duration 20
-	$(BIN)/python -m benchmarks.compare --rounds 5 --duration 15 --max-requests 1000
+	$(BIN)/python -m benchmarks.gateway --rounds 5 --duration 60
+	$(BIN)/python -m benchmarks.compare --rounds 5 --duration 60 --max-requests 1000
 
 clean:
 	rm -rf $(VENV) .run .cache

@@ -1,6 +1,6 @@
 """Side by side on the real dev engine: qubittron-serve (as `qbt serve` runs it, guard off and with the guard's
-default policy `both`), vLLM's own OpenAI server and Ray Serve LLM with the same Serve settings as this service,
-interleaved in one sitting, reported as paired per-round ratios with their spread.
+default policy `both`), vLLM's own OpenAI server and Ray Serve LLM (with the same Serve settings as this service,
+and with Serve's defaults), interleaved in one sitting, reported as paired per-round ratios with their spread.
 
     .venv/bin/python -m benchmarks.compare [--rounds 5] [--duration 60] [--max-requests 1000]
 
@@ -8,7 +8,8 @@ The method (benchmarks/README.md): every system is warmed up before each of its 
 other system's processes are stopped (SIGSTOP, by process id) so that only the system under test uses the CPUs;
 each point runs `--duration` seconds or `--max-requests` requests, whichever comes first; in-band error events,
 missing usage and short usage are failures; each round ends with the head-of-line probe (a 2-token request sent
-while a 480-token stream runs). Writes benchmarks/results/compare.{json,md}; the JSON keeps every request's sample.
+while a 480-token stream runs). Every point also records the share of the machine's CPU time its virtual machine's
+host took (steal, from /proc/stat): rounds with different steal are not equally loud. Writes benchmarks/results/compare.{json,md}; the JSON keeps every request's sample.
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ import sys
 import time
 from importlib.metadata import version
 
-from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
+from benchmarks.servers import (
+    OUT,
+    ROOT,
+    CpuMeter,
+    System,
+    bench_keys,
+    host_ticks,
+    say,
+    script_calls,
+    spread,
+    steal_pct,
+)
 from benchmarks.sse_client import Connection, closed_loop
 from serve_app.config.paths import model_path
 from serve_app.ops.dev_models import ensure_built
@@ -33,7 +45,7 @@ from serve_app.ops.launcher import become_subreaper, stop_descendants
 RUN_DIR = ROOT / ".run" / "bench-compare"
 PY = sys.executable
 REDIS_URL = "redis://127.0.0.1:6398/0"
-PORTS = {"qbt": 8101, "vllm": 8102, "rayllm": 8103}
+PORTS = {"qbt": 8101, "vllm": 8102, "rayllm": 8103, "rayllm-default": 8104}
 MODEL = "qbt-dev-llm"
 CONFIGS = [(True, 1), (True, 16)]  # (stream, concurrency); 32 tokens each
 PROBE_TRIALS = 5
@@ -48,10 +60,11 @@ def start_systems(names: list[str], out: dict[str, System]) -> None:
                 PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path(MODEL)),
                 "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                 "--port", str(PORTS[name]), "--disable-uvicorn-access-log"], RUN_DIR, engine_env)
-        elif name == "rayllm":  # the same Serve settings as `qbt serve`: throughput-optimized, direct ingress
+        elif name in ("rayllm", "rayllm-default"):  # `rayllm`: the same Serve settings as `qbt serve`
+            # (throughput-optimized, direct ingress); `rayllm-default`: Serve's defaults (its proxy in front)
             out[name] = System(name, PORTS[name], "/v1/models", [
                 PY, "-m", "benchmarks.rayllm_server", str(model_path(MODEL)), str(PORTS[name])], RUN_DIR,
-                {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+                {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if name == "rayllm" else "0"})
         elif name == "qbt":
             out[name] = System(name, PORTS[name], "/health", [
                 PY, "-m", "serve_app.ops.cli", "serve", "--port", str(PORTS[name]), "--run-dir",
@@ -82,9 +95,10 @@ async def point(target: str, system: System, headers: dict, stream: bool, c: int
     port, meter = system.port, CpuMeter([system])
     await closed_loop("127.0.0.1", port, body, headers, max(c, 4), 60, max_requests=4 * max(c, 4))  # warm-up
     calls = script_calls(REDIS_URL) if target.startswith("qbt") else None
-    before = meter.snapshot()
+    before, ticks = meter.snapshot(), host_ticks()
     samples, wall = await closed_loop("127.0.0.1", port, body, headers, c, args.duration, args.max_requests)
     cpu = {k: v for k, v in CpuMeter.delta(before, meter.snapshot()).items() if v > 0}
+    steal = steal_pct(ticks, host_ticks())
     ok = [s for s in samples if s.ok]
     tpot = [(s.e2e - s.ttft) / (s.tokens - 1) for s in ok if s.tokens > 1 and s.ttft]
     row = {"system": target, "stream": stream, "concurrency": c, "wall_s": wall, "requests": len(samples),
@@ -92,12 +106,12 @@ async def point(target: str, system: System, headers: dict, stream: bool, c: int
            "output_tok_s": sum(s.tokens for s in ok) / wall, "req_s": len(ok) / wall,
            "ttft_p50_ms": pct([s.ttft for s in ok], 0.5), "ttft_p99_ms": pct([s.ttft for s in ok], 0.99),
            "tpot_p50_ms": pct(tpot, 0.5), "e2e_p50_ms": pct([s.e2e for s in ok], 0.5),
-           "e2e_p99_ms": pct([s.e2e for s in ok], 0.99), "loadavg": os.getloadavg(),
+           "e2e_p99_ms": pct([s.e2e for s in ok], 0.99), "loadavg": os.getloadavg(), "steal_pct": steal,
            "cpu_s": cpu, "redis_scripts_per_request": (script_calls(REDIS_URL) - calls) / len(samples) if calls is not None and samples
            else None, "samples": [s.row() for s in samples]}
     say(f"{target:10s} {'stream' if stream else 'whole'} c={c:<3d} {row['output_tok_s']:6.0f} tok/s, "
         f"e2e p50 {row['e2e_p50_ms'] or 0:6.1f} ms, ttft p50 {row['ttft_p50_ms'] or 0:6.1f} ms, "
-        f"{len(ok)} ok, {row['failed']} failed")
+        f"{len(ok)} ok, {row['failed']} failed, host steal {steal:.1f}%")
     return row
 
 
@@ -106,7 +120,7 @@ async def probe(target: str, port: int, headers: dict) -> dict:
     long_body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True,
                             "stream": True, "stream_options": {"include_usage": True}}).encode()
     short_body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2, "ignore_eos": True}).encode()
-    trials = []
+    trials, ticks = [], host_ticks()
     for _ in range(PROBE_TRIALS):
         a, b = Connection("127.0.0.1", port), Connection("127.0.0.1", port)
         try:
@@ -120,11 +134,11 @@ async def probe(target: str, port: int, headers: dict) -> dict:
         finally:
             a.close()
             b.close()
-    ok = [t["short_ms"] for t in trials if t["short_ok"] and t["long_ok"]]
+    ok, steal = [t["short_ms"] for t in trials if t["short_ok"] and t["long_ok"]], steal_pct(ticks, host_ticks())
     say(f"{target:10s} head-of-line probe: short request {statistics.median(ok) if ok else 0:.0f} ms median "
-        f"({', '.join(f'{x:.0f}' for x in ok)})")
+        f"({', '.join(f'{x:.0f}' for x in ok)}), host steal {steal:.1f}%")
     return {"system": target, "probe": True, "trials": trials, "short_p50_ms": statistics.median(ok) if ok else None,
-            "failed": len(trials) - len(ok)}
+            "failed": len(trials) - len(ok), "steal_pct": steal}
 
 
 async def measure(systems: dict[str, System], args) -> list[dict]:
@@ -205,7 +219,7 @@ def report(rows: list[dict], meta: dict) -> str:
              "after its own warm-up, with every other system paused. Figures: median over rounds (min to max); "
              "ratios and differences are paired within a round.", "",
              "| mode | c | system | out tok/s | x vLLM (paired) | x Ray Serve LLM (paired) | TTFT p50 ms | TPOT p50 ms "
-             "| E2E p50 ms | E2E p50 - vLLM, ms (paired) | failed |", "|" + "---|" * 11]
+             "| E2E p50 ms | E2E p50 - vLLM, ms (paired) | failed | host steal % |", "|" + "---|" * 12]
     for stream, c in CONFIGS:
         for name in systems:
             rs = [r for r in rows if r["system"] == name and "concurrency" in r and r["stream"] == stream and
@@ -220,15 +234,16 @@ def report(rows: list[dict], meta: dict) -> str:
                 f"{spread([r['ttft_p50_ms'] for r in rs], '{:.1f}')} | {spread([r['tpot_p50_ms'] for r in rs], '{:.1f}')}"
                 f" | {spread([r['e2e_p50_ms'] for r in rs], '{:.1f}')} | "
                 f"{spread(paired(sub, name, 'vllm', 'e2e_p50_ms', diff=True), '{:+.1f}')} | "
-                f"{sum(r['failed'] for r in rs)} |")
+                f"{sum(r['failed'] for r in rs)} | {spread([r.get('steal_pct') for r in rs], '{:.1f}')} |")
     lines += ["", f"Head-of-line probe: a 2-token request sent 0.4 s into a 480-token stream ({PROBE_TRIALS} trials "
-              "per round; the round's median).", "", "| system | short request p50 ms | x vLLM (paired) | failed |",
-              "|---|---|---|---|"]
+              "per round; the round's median).", "", "| system | short request p50 ms | x vLLM (paired) | failed | host steal % |",
+              "|---|---|---|---|---|"]
     probes = [r for r in rows if r.get("probe")]
     for name in systems:
         rs = [r for r in probes if r["system"] == name]
         lines.append(f"| {name} | {spread([r['short_p50_ms'] for r in rs], '{:.0f}')} | "
-                     f"{spread(paired(probes, name, 'vllm', 'short_p50_ms'))} | {sum(r['failed'] for r in rs)} |")
+                     f"{spread(paired(probes, name, 'vllm', 'short_p50_ms'))} | {sum(r['failed'] for r in rs)} | "
+                     f"{spread([r.get('steal_pct') for r in rs], '{:.1f}')} |")
     lines += ["", "CPU per output token by process role, streaming c=16 (microseconds; median over rounds). The "
               "engine's own processes are the same code in every system.", "", "| system | role | us/token |",
               "|---|---|---|"]
@@ -261,7 +276,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=60, help="seconds per point (at most)")
     parser.add_argument("--max-requests", type=int, default=1000, help="requests per point (at most)")
-    parser.add_argument("--systems", nargs="+", default=["vllm", "qbt", "qbt+guard", "rayllm"])
+    parser.add_argument("--systems", nargs="+", default=["vllm", "qbt", "qbt+guard", "rayllm", "rayllm-default"])
     parser.add_argument("--cross-check", type=int, default=500, metavar="N",
                         help="requests for the `vllm bench serve` cross-check (0: skip it)")
     parser.add_argument("--out", default="compare", help="results file stem in benchmarks/results")

@@ -2,7 +2,7 @@
 CPU microseconds per streamed event and per request for each of the gateway's processes, against the floor (a bare
 Starlette/uvicorn SSE server fed by the same generator, `benchmarks/floor_server.py`), with real Redis.
 
-    .venv/bin/python -m benchmarks.gateway [--rounds 5] [--duration 20] [--streams 64] [--tokens 256]
+    .venv/bin/python -m benchmarks.gateway [--rounds 5] [--duration 60] [--streams 64] [--tokens 256]
 
 Per round, interleaved (the order rotates): streams through the floor, through the gateway (guard off), through the
 gateway with the guard's default policy (`both`), through the gateway with the old stream transport (one Serve
@@ -22,7 +22,18 @@ import platform
 import sys
 import time
 
-from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
+from benchmarks.servers import (
+    OUT,
+    ROOT,
+    CpuMeter,
+    System,
+    bench_keys,
+    host_ticks,
+    say,
+    script_calls,
+    spread,
+    steal_pct,
+)
 from benchmarks.sse_client import closed_loop
 from serve_app.ops.launcher import become_subreaper, stop_descendants
 
@@ -46,9 +57,10 @@ async def run_point(name: str, port: int, key: str | None, body: dict, concurren
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     redis_url = HANDLE_REDIS_URL if name == "qbt handle" else REDIS_URL
     calls = script_calls(redis_url) if key else None
-    before, client_before = meter.snapshot(), time.process_time()
+    before, client_before, ticks = meter.snapshot(), time.process_time(), host_ticks()
     samples, wall = await closed_loop("127.0.0.1", port, body, headers, concurrency, duration_s)
     cpu = CpuMeter.delta(before, meter.snapshot())
+    steal = steal_pct(ticks, host_ticks())
     cpu["load client"] = time.process_time() - client_before
     ok = [s for s in samples if s.ok]
     events = sum(s.events for s in ok)
@@ -58,7 +70,7 @@ async def run_point(name: str, port: int, key: str | None, body: dict, concurren
            "events": events, "tokens": sum(s.tokens for s in ok), "cpu_s": cpu,
            "redis_script_calls_per_request": ((script_calls(redis_url) - calls) / len(samples))
            if calls is not None and samples else None,
-           "loadavg": os.getloadavg(), "samples": [s.row() for s in samples]}
+           "loadavg": os.getloadavg(), "steal_pct": steal, "samples": [s.row() for s in samples]}
     gateway = sum(cpu[r] for r in ("ingress", "model replica", "proxy")) if name != "floor" else cpu["floor"]
     row["gateway_us_per_event"] = gateway / events * 1e6 if events else None
     row["ingress_us_per_request"] = cpu["ingress"] / len(ok) * 1e6 if ok and name != "floor" else None
@@ -67,7 +79,7 @@ async def run_point(name: str, port: int, key: str | None, body: dict, concurren
     tokens = row["tokens"]
     row["gateway_us_per_token"] = row["gateway_us_per_event"] * events / tokens if tokens and events else None
     say(f"{name + label:13s} {'stream' if row['stream'] else 'whole '} c={concurrency:<4d} {len(ok)} ok, {row['failed']} failed,"
-        f" {events / wall:7.0f} events/s, gateway {row['gateway_us_per_event'] or 0:6.1f} us/event, "
+        f" {events / wall:7.0f} events/s, gateway {row['gateway_us_per_event'] or 0:6.1f} us/event, host steal {steal:.1f}%, "
         + ", ".join(f"{k} {v:.2f}s" for k, v in cpu.items() if v > 0.05))
     return row
 
@@ -106,7 +118,8 @@ def report(rows: list[dict], meta: dict) -> str:
              "per round. Gateway CPU: ingress + model replica + proxy (the floor: its one process). With the guard "
              "(`both`) an event is a released window of 16 tokens, so compare per token.", "",
              "| system | events/s | tokens/s | failed | gateway CPU us/event | x floor (paired) | gateway CPU us/token | "
-             "ingress us/event | model replica us/event | proxy us/event | Redis scripts/request |", "|" + "---|" * 11]
+             "ingress us/event | model replica us/event | proxy us/event | Redis scripts/request | host steal % |",
+             "|" + "---|" * 12]
     for name in ("floor", "qbt", "qbt+guard", "qbt handle"):
         rs = [by[(n, name)] for n in rounds if (n, name) in by]
         per = lambda k: [r["cpu_s"][k] / r["events"] * 1e6 if r["events"] else None for r in rs]  # noqa: E731
@@ -119,7 +132,8 @@ def report(rows: list[dict], meta: dict) -> str:
                      f"{spread(per('ingress')) if name != 'floor' else '-'} | "
                      f"{spread(per('model replica')) if name != 'floor' else '-'} | "
                      f"{spread(per('proxy')) if name != 'floor' else '-'} | "
-                     f"{spread([r['redis_script_calls_per_request'] for r in rs])} |")
+                     f"{spread([r['redis_script_calls_per_request'] for r in rs])} | "
+                     f"{spread([r.get('steal_pct') for r in rs], '{:.1f}')} |")
     relay = [by[(n, "qbt")]["gateway_us_per_event"] / by[(n, "qbt handle")]["gateway_us_per_event"]
              for n in rounds if (n, "qbt") in by and (n, "qbt handle") in by]
     lines += ["", "`qbt` streams on the relay (`stream_transport: relay`, the default); `qbt handle` is the same stack "
@@ -129,12 +143,12 @@ def report(rows: list[dict], meta: dict) -> str:
     lines += ["", "Short whole requests (`max_tokens` 1, concurrency "
               f"{reqs[0]['concurrency'] if reqs else '-'}), guard off:", "",
               "| requests/s | failed | ingress CPU us/request | admitted requests/s per ingress core | "
-              "Redis scripts/request | e2e p50 ms |", "|---|---|---|---|---|---|",
+              "Redis scripts/request | e2e p50 ms | host steal % |", "|---|---|---|---|---|---|---|",
               f"| {spread([r['ok'] / r['wall_s'] for r in reqs])} | {sum(r['failed'] for r in reqs)} | "
               f"{spread([r['ingress_us_per_request'] for r in reqs])} | "
               f"{spread([1e6 / r['ingress_us_per_request'] for r in reqs if r['ingress_us_per_request']])} | "
               f"{spread([r['redis_script_calls_per_request'] for r in reqs])} | "
-              f"{spread([r['e2e_p50_ms'] for r in reqs])} |"]
+              f"{spread([r['e2e_p50_ms'] for r in reqs])} | {spread([r.get('steal_pct') for r in reqs], '{:.1f}')} |"]
     errors = sorted({e for r in rows for e in r["errors"]})
     if errors:
         lines += ["", "Failures seen: " + "; ".join(errors)]
@@ -156,7 +170,7 @@ def sim_config(transport: str):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=20, help="seconds per point")
+    parser.add_argument("--duration", type=float, default=60, help="seconds per point")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per stream")
     parser.add_argument("--request-concurrency", type=int, default=32)

@@ -151,3 +151,17 @@ class CpuMeter:
         for pid, (r, t) in after.items():
             per[r] += t - (before[pid][1] if pid in before else 0.0)
         return per
+
+
+def host_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the whole machine: the share a virtual machine's host took from it in a window
+    is a noise figure every point reports (its rounds are not comparable when it differs)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else 0.0
+
