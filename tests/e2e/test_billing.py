@@ -53,18 +53,30 @@ def test_settlement_charges_actual_usage(client, customer, r):
 
 
 def test_disconnect_mid_stream_bills_only_produced_tokens(stack, customer, r):
+    """The client leaves after 3 lines. A stream that already sat whole in the sockets' buffers when it left was
+    delivered as far as the server can tell (billed `ok`, all 500 tokens: a fast engine on a busy machine did this
+    once); the case under test is the one cut mid-way, so it is tried until one is (at most 3 times)."""
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=stack.base_url, timeout=60) as c:
-        with c.stream("POST", "/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {customer.key}"}) as s:
-            lines = s.iter_lines()
-            received = [next(lines) for _ in range(3)]
-    assert received[0].startswith("data: ")
-    (row,) = wait_for_rows(r, customer.account, 1)
-    assert row["status"] == "disconnected"
-    assert 1 <= row["completion_tokens"] < 500
-    assert row["cost_micros"] == lua_cost(r, 6, row["completion_tokens"], IN, OUT)
-    assert int(r.hget(keyspace.account_record(customer.account), "reserved")) == 0
+    rows = []
+    for attempt in range(1, 4):
+        with httpx.Client(base_url=stack.base_url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {customer.key}"}) as s:
+                lines = s.iter_lines()
+                received = [next(lines) for _ in range(3)]
+        assert received[0].startswith("data: ")
+        rows = wait_for_rows(r, customer.account, attempt)
+        row = rows[-1]  # the ledger is in settlement order
+        assert row["cost_micros"] == lua_cost(r, 6, row["completion_tokens"], IN, OUT)
+        if row["status"] == "ok":
+            assert row["completion_tokens"] == 500
+            continue
+        assert row["status"] == "disconnected" and 1 <= row["completion_tokens"] < 500
+        break
+    assert any(x["status"] == "disconnected" for x in rows), rows
+    acct = r.hgetall(keyspace.account_record(customer.account))
+    assert int(acct["reserved"]) == 0
+    assert int(acct["balance"]) == 10_000_000 - sum(x["cost_micros"] for x in rows)
 
 
 def test_cli_accounts_keys_and_usage(stack, redis_server, customer, client):
