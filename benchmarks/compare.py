@@ -25,18 +25,8 @@ import sys
 import time
 from importlib.metadata import version
 
-from benchmarks.servers import (
-    OUT,
-    ROOT,
-    CpuMeter,
-    System,
-    bench_keys,
-    host_ticks,
-    say,
-    script_calls,
-    spread,
-    steal_pct,
-)
+from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
+from benchmarks.servers import host_ticks, steal_pct
 from benchmarks.sse_client import Connection, closed_loop
 from serve_app.config.paths import model_path
 from serve_app.ops.dev_models import ensure_built

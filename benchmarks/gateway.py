@@ -22,18 +22,8 @@ import platform
 import sys
 import time
 
-from benchmarks.servers import (
-    OUT,
-    ROOT,
-    CpuMeter,
-    System,
-    bench_keys,
-    host_ticks,
-    say,
-    script_calls,
-    spread,
-    steal_pct,
-)
+from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
+from benchmarks.servers import host_ticks, steal_pct
 from benchmarks.sse_client import closed_loop
 from serve_app.ops.launcher import become_subreaper, stop_descendants
 

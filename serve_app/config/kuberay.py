@@ -29,7 +29,8 @@ The ledger exporter runs beside the ingress, so on the head; a PostgreSQL ledger
 `qbt-postgres` (key `password`), mounted read-only on the head alone, in the directory of the profile's
 `ledger.password_file` (the file name is the key's path), never in env, argv or the manifest. GPU workers do not get
 it. (Of the RayService's pods, the head alone: the admin API's own Deployment, `cluster/kuberay/admin.yaml`, holds
-both Secrets too, the same way.) `qbt config build` fails where the prod ledger is PostgreSQL and the password could not reach it that way.
+both Secrets too, the same way.) `qbt config build` fails where the prod ledger is PostgreSQL and the password could
+not reach it that way.
 
 Hardening ("a cluster nobody can take over"):
 - Ray token authentication: `rayClusterConfig.authOptions` (mode token, secretName `qbt-ray-token`, key `auth_token`).
