@@ -8,8 +8,8 @@ The method (benchmarks/README.md): every system is warmed up before each of its 
 other system's processes are stopped (SIGSTOP, by process id) so that only the system under test uses the CPUs;
 each point runs `--duration` seconds or `--max-requests` requests, whichever comes first; in-band error events,
 missing usage and short usage are failures; each round ends with the head-of-line probe (a 2-token request sent
-while a 480-token stream runs). Every point also records the share of the machine's CPU time its virtual machine's
-host took (steal, from /proc/stat): rounds with different steal are not equally loud. Writes benchmarks/results/compare.{json,md}; the JSON keeps every request's sample.
+while a 480-token stream runs). Every point also records the host's steal time (`servers.HostSteal`). Writes
+benchmarks/results/compare.{json,md}; the JSON keeps every request's sample.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from importlib.metadata import version
 
 from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
-from benchmarks.servers import host_ticks, steal_pct
+from benchmarks.servers import HostSteal, steal_spread
 from benchmarks.sse_client import Connection, closed_loop
 from serve_app.config.paths import model_path
 from serve_app.ops.dev_models import ensure_built
@@ -85,10 +85,10 @@ async def point(target: str, system: System, headers: dict, stream: bool, c: int
     port, meter = system.port, CpuMeter([system])
     await closed_loop("127.0.0.1", port, body, headers, max(c, 4), 60, max_requests=4 * max(c, 4))  # warm-up
     calls = script_calls(REDIS_URL) if target.startswith("qbt") else None
-    before, ticks = meter.snapshot(), host_ticks()
+    before, host = meter.snapshot(), HostSteal()
     samples, wall = await closed_loop("127.0.0.1", port, body, headers, c, args.duration, args.max_requests)
     cpu = {k: v for k, v in CpuMeter.delta(before, meter.snapshot()).items() if v > 0}
-    steal = steal_pct(ticks, host_ticks())
+    steal = host.pct()
     ok = [s for s in samples if s.ok]
     tpot = [(s.e2e - s.ttft) / (s.tokens - 1) for s in ok if s.tokens > 1 and s.ttft]
     row = {"system": target, "stream": stream, "concurrency": c, "wall_s": wall, "requests": len(samples),
@@ -110,7 +110,7 @@ async def probe(target: str, port: int, headers: dict) -> dict:
     long_body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True,
                             "stream": True, "stream_options": {"include_usage": True}}).encode()
     short_body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2, "ignore_eos": True}).encode()
-    trials, ticks = [], host_ticks()
+    trials, host = [], HostSteal()
     for _ in range(PROBE_TRIALS):
         a, b = Connection("127.0.0.1", port), Connection("127.0.0.1", port)
         try:
@@ -124,7 +124,7 @@ async def probe(target: str, port: int, headers: dict) -> dict:
         finally:
             a.close()
             b.close()
-    ok, steal = [t["short_ms"] for t in trials if t["short_ok"] and t["long_ok"]], steal_pct(ticks, host_ticks())
+    ok, steal = [t["short_ms"] for t in trials if t["short_ok"] and t["long_ok"]], host.pct()
     say(f"{target:10s} head-of-line probe: short request {statistics.median(ok) if ok else 0:.0f} ms median "
         f"({', '.join(f'{x:.0f}' for x in ok)}), host steal {steal:.1f}%")
     return {"system": target, "probe": True, "trials": trials, "short_p50_ms": statistics.median(ok) if ok else None,
@@ -224,16 +224,16 @@ def report(rows: list[dict], meta: dict) -> str:
                 f"{spread([r['ttft_p50_ms'] for r in rs], '{:.1f}')} | {spread([r['tpot_p50_ms'] for r in rs], '{:.1f}')}"
                 f" | {spread([r['e2e_p50_ms'] for r in rs], '{:.1f}')} | "
                 f"{spread(paired(sub, name, 'vllm', 'e2e_p50_ms', diff=True), '{:+.1f}')} | "
-                f"{sum(r['failed'] for r in rs)} | {spread([r.get('steal_pct') for r in rs], '{:.1f}')} |")
+                f"{sum(r['failed'] for r in rs)} | {steal_spread(rs)} |")
     lines += ["", f"Head-of-line probe: a 2-token request sent 0.4 s into a 480-token stream ({PROBE_TRIALS} trials "
-              "per round; the round's median).", "", "| system | short request p50 ms | x vLLM (paired) | failed | host steal % |",
-              "|---|---|---|---|---|"]
+              "per round; the round's median).", "",
+              "| system | short request p50 ms | x vLLM (paired) | failed | host steal % |", "|---|---|---|---|---|"]
     probes = [r for r in rows if r.get("probe")]
     for name in systems:
         rs = [r for r in probes if r["system"] == name]
         lines.append(f"| {name} | {spread([r['short_p50_ms'] for r in rs], '{:.0f}')} | "
                      f"{spread(paired(probes, name, 'vllm', 'short_p50_ms'))} | {sum(r['failed'] for r in rs)} | "
-                     f"{spread([r.get('steal_pct') for r in rs], '{:.1f}')} |")
+                     f"{steal_spread(rs)} |")
     lines += ["", "CPU per output token by process role, streaming c=16 (microseconds; median over rounds). The "
               "engine's own processes are the same code in every system.", "", "| system | role | us/token |",
               "|---|---|---|"]

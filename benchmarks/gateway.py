@@ -23,7 +23,7 @@ import sys
 import time
 
 from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
-from benchmarks.servers import host_ticks, steal_pct
+from benchmarks.servers import HostSteal, steal_spread
 from benchmarks.sse_client import closed_loop
 from serve_app.ops.launcher import become_subreaper, stop_descendants
 
@@ -47,10 +47,10 @@ async def run_point(name: str, port: int, key: str | None, body: dict, concurren
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     redis_url = HANDLE_REDIS_URL if name == "qbt handle" else REDIS_URL
     calls = script_calls(redis_url) if key else None
-    before, client_before, ticks = meter.snapshot(), time.process_time(), host_ticks()
+    before, client_before, host = meter.snapshot(), time.process_time(), HostSteal()
     samples, wall = await closed_loop("127.0.0.1", port, body, headers, concurrency, duration_s)
     cpu = CpuMeter.delta(before, meter.snapshot())
-    steal = steal_pct(ticks, host_ticks())
+    steal = host.pct()
     cpu["load client"] = time.process_time() - client_before
     ok = [s for s in samples if s.ok]
     events = sum(s.events for s in ok)
@@ -69,7 +69,8 @@ async def run_point(name: str, port: int, key: str | None, body: dict, concurren
     tokens = row["tokens"]
     row["gateway_us_per_token"] = row["gateway_us_per_event"] * events / tokens if tokens and events else None
     say(f"{name + label:13s} {'stream' if row['stream'] else 'whole '} c={concurrency:<4d} {len(ok)} ok, {row['failed']} failed,"
-        f" {events / wall:7.0f} events/s, gateway {row['gateway_us_per_event'] or 0:6.1f} us/event, host steal {steal:.1f}%, "
+        f" {events / wall:7.0f} events/s, gateway {row['gateway_us_per_event'] or 0:6.1f} us/event, "
+        f"host steal {steal:.1f}%, "
         + ", ".join(f"{k} {v:.2f}s" for k, v in cpu.items() if v > 0.05))
     return row
 
@@ -123,7 +124,7 @@ def report(rows: list[dict], meta: dict) -> str:
                      f"{spread(per('model replica')) if name != 'floor' else '-'} | "
                      f"{spread(per('proxy')) if name != 'floor' else '-'} | "
                      f"{spread([r['redis_script_calls_per_request'] for r in rs])} | "
-                     f"{spread([r.get('steal_pct') for r in rs], '{:.1f}')} |")
+                     f"{steal_spread(rs)} |")
     relay = [by[(n, "qbt")]["gateway_us_per_event"] / by[(n, "qbt handle")]["gateway_us_per_event"]
              for n in rounds if (n, "qbt") in by and (n, "qbt handle") in by]
     lines += ["", "`qbt` streams on the relay (`stream_transport: relay`, the default); `qbt handle` is the same stack "
@@ -138,7 +139,7 @@ def report(rows: list[dict], meta: dict) -> str:
               f"{spread([r['ingress_us_per_request'] for r in reqs])} | "
               f"{spread([1e6 / r['ingress_us_per_request'] for r in reqs if r['ingress_us_per_request']])} | "
               f"{spread([r['redis_script_calls_per_request'] for r in reqs])} | "
-              f"{spread([r['e2e_p50_ms'] for r in reqs])} | {spread([r.get('steal_pct') for r in reqs], '{:.1f}')} |"]
+              f"{spread([r['e2e_p50_ms'] for r in reqs])} | {steal_spread(reqs)} |"]
     errors = sorted({e for r in rows for e in r["errors"]})
     if errors:
         lines += ["", "Failures seen: " + "; ".join(errors)]

@@ -153,15 +153,25 @@ class CpuMeter:
         return per
 
 
-def host_ticks() -> tuple[int, int]:
-    """(steal, total) CPU ticks of the whole machine: the share a virtual machine's host took from it in a window
-    is a noise figure every point reports (its rounds are not comparable when it differs)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    return ticks[7], sum(ticks)
+class HostSteal:
+    """The share of the machine's CPU time its virtual machine's host took (steal, from /proc/stat) since this was
+    made: a noise figure every point reports (rounds with different steal are not equally loud)."""
+
+    def __init__(self):
+        self.start = self.ticks()
+
+    @staticmethod
+    def ticks() -> tuple[int, int]:
+        """(steal, total) CPU ticks of the whole machine."""
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        return ticks[7], sum(ticks)
+
+    def pct(self) -> float:
+        (steal0, total0), (steal1, total1) = self.start, self.ticks()
+        return 100.0 * (steal1 - steal0) / (total1 - total0) if total1 > total0 else 0.0
 
 
-def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
-    total = after[1] - before[1]
-    return 100.0 * (after[0] - before[0]) / total if total > 0 else 0.0
-
+def steal_spread(rows: list[dict]) -> str:
+    """The rows' host steal, as the results tables show it."""
+    return spread([r.get("steal_pct") for r in rows], "{:.1f}")
