@@ -60,6 +60,10 @@ class LedgerConfig(BaseModel):
     batch: int = Field(500, ge=1, le=5000)  # stream entries per read and per database transaction
     retain_rows: int = Field(10_000, ge=0)  # exported rows kept in the stream, so recent rows stay readable there
     block_ms: int = Field(1000, ge=0, le=4000)  # a read waits this long for new rows (under the client's 5 s timeout)
+    # After a batch smaller than `batch`, the next read waits this long, so that under load each read, transaction and
+    # trim carries many rows instead of one or two (about 10 Redis calls and a commit per batch); rows wait at most
+    # this much longer in Redis, where they are already durable.
+    linger_ms: int = Field(200, ge=0, le=2000)
     claim_idle_ms: int = Field(30_000, ge=0)  # a dead consumer's entries pending this long are taken over
 
     @field_validator("database")

@@ -194,17 +194,20 @@ class Exporter:
 
     def run(self, stop: threading.Event) -> None:
         """Exports until `stop` is set; on a Redis or database error, logs it and retries with a growing delay (up to
-        5 s), so an outage of either delays the export and nothing else."""
+        5 s), so an outage of either delays the export and nothing else. After a partial batch it waits `linger_ms`:
+        under load that makes the rows per batch grow with the rate, not the batches per second."""
         delay, ready = 0.0, False
         while not stop.is_set():
             try:
                 if not ready:
                     self.ensure_group()
                     ready = True
-                self.export_once()
+                moved = self.export_once()
                 if delay:
                     log.info("ledger export resumed")
                 delay = 0.0
+                if 0 < moved < self.config.batch and self.config.linger_ms:
+                    stop.wait(self.config.linger_ms / 1000)  # let the next batch gather
             except TRANSIENT as e:
                 delay = min(max(delay * 2, 0.1), 5.0)
                 log.warning("ledger export failed (%s: %s); retrying in %.1f s", type(e).__name__, e, delay)

@@ -284,3 +284,30 @@ def wait_for(check, timeout: float = 20) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def test_under_a_trickle_of_rows_the_loop_gathers_them_into_few_batches(r, redis_server, config, databases):
+    """`linger_ms` after a partial batch: 40 rows arriving one every 20 ms go to the database in a handful of
+    batches (without it, nearly one batch per row, each with its own reads, commit and trim), and all of them go."""
+    cfg = config(linger_ms=300, block_ms=100)
+    db = databases(cfg)
+    ex = exporter(redis_server, db, cfg)
+    drain(ex)  # what earlier tests left in the stream
+    batches, export_once = [], ex.export_once
+    ex.export_once = lambda: batches.append(export_once()) or batches[-1]
+    stop = threading.Event()
+    loop = threading.Thread(target=ex.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        name = account()
+        ids = []
+        for _ in range(40):
+            ids.append(add_row(r, name, 1))
+            time.sleep(0.02)
+        wait_for(lambda: len(db.rows(name)) == 40)
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert [row["ledger_id"] for row in db.rows(name)] == ids and db.total_micros(name) == 40
+    moving = [n for n in batches if n]
+    assert sum(moving) >= 40 and len(moving) <= 8, moving
