@@ -51,10 +51,11 @@ class Ticket:
         return ("relay", self.host, self.port, self.secret)
 
 
-def ticket_of(raw) -> Ticket | None:
-    """The ticket, if this handle item is one (a plain tuple, as every item crossing the handle)."""
-    if type(raw) is tuple and len(raw) == 4 and raw[0] == "relay":
-        return Ticket(raw[1], raw[2], raw[3])
+def ticket_of(wire) -> Ticket | None:
+    """The ticket a relayed stream's first item carries (`StreamItem.relay`: a plain tuple, as everything crossing
+    the handle), or None."""
+    if type(wire) is tuple and len(wire) == 4 and wire[0] == "relay":
+        return Ticket(wire[1], wire[2], wire[3])
     return None
 
 
@@ -267,7 +268,7 @@ class Progress:
 
 async def served(items, req: GenerationRequest, relay: RelayServer | None, progress: Progress):
     """The model replica's side of a stream: what crosses the handle (`wire.outgoing` tuples): every item, or for a
-    relayed stream the first one, then the ticket, then nothing more while the rest goes on the relay. The engine's
+    relayed stream the first one with the ticket, then nothing more while the rest goes on the relay. The engine's
     generator is closed however this ends (cancelled, the ingress gone, an error), which aborts its request."""
     sink = waiter = None
     try:
@@ -276,12 +277,13 @@ async def served(items, req: GenerationRequest, relay: RelayServer | None, progr
             if sink is not None:
                 await sink.send(*outgoing(item, req))
                 continue
-            yield outgoing(item, req)
-            if req.relay and relay is not None:
-                ticket, waiter = (await relay.start()).expect()
-                yield ticket.as_wire()
-                sink = await asyncio.wait_for(waiter, CONNECT_S)
-                progress.relayed = True
+            if not (req.relay and relay is not None):
+                yield outgoing(item, req)
+                continue
+            ticket, waiter = (await relay.start()).expect()
+            yield (*outgoing(item, req), ticket.as_wire())  # the first item and the ticket: one handle message
+            sink = await asyncio.wait_for(waiter, CONNECT_S)
+            progress.relayed = True
         progress.ended = True
         if sink is not None:
             await sink.end(progress.produced)

@@ -70,6 +70,7 @@ class StreamItem:
     choices: list[dict[str, Any]]
     usage: Usage
     rendered: bytes | None = None  # the choices as JSON, when the request asked for `render` (choices then empty)
+    relay: tuple | None = None  # on a relayed stream's first item: the ticket (wire form) for the rest, on the relay
 
 
 def outgoing(item: StreamItem, req: GenerationRequest) -> tuple[list | bytes, int]:
@@ -82,12 +83,14 @@ def outgoing(item: StreamItem, req: GenerationRequest) -> tuple[list | bytes, in
     return dumps(choices), item.usage.completion_tokens
 
 
-def incoming(raw: tuple[list | bytes, int], prompt_tokens: int) -> StreamItem:
-    payload, completion_tokens = raw
+def incoming(raw: tuple, prompt_tokens: int) -> StreamItem:
+    """An item from the handle: `outgoing`'s tuple, with the relay's ticket as a third element on a relayed
+    stream's first item (so that the ticket costs no handle message of its own)."""
+    payload, completion_tokens, *ticket = raw
     usage = Usage(prompt_tokens, completion_tokens)
     if isinstance(payload, bytes):
-        return StreamItem([], usage, payload)
-    return StreamItem(payload, usage)
+        return StreamItem([], usage, payload, ticket[0] if ticket else None)
+    return StreamItem(payload, usage, None, ticket[0] if ticket else None)
 
 
 class EngineFailure(Exception):

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from deployments.relay import Ticket
+from deployments.relay import ticket_of
 from deployments.wire import GenerationRequest, StreamItem, Usage
 from serve_app.api.encoding import DONE, CompletionFrame, dumps, event
 from serve_app.api.errors import ApiError, Code, invalid, upstream
@@ -287,11 +287,11 @@ class CompletionPath:
                         received.delivered = item.usage
                     if gate.blocked:
                         break
-                item = await next_item(stream, prompt_tokens, None)
-                if isinstance(item, Ticket):  # the rest comes as bytes on the relay's socket
-                    async for ready in relayed(item, frame, outcome, received, prompt_tokens):
+                if item.relay is not None:  # the rest comes as bytes on the relay's socket
+                    async for ready in relayed(ticket_of(item.relay), frame, outcome, received, prompt_tokens):
                         yield ready
-                    item = None
+                    break
+                item = await next_item(stream, prompt_tokens, None)
             if gate is not None and (released := await gate.finish(outcome.usage.completion_tokens)):
                 yield frame.chunk(released)
             outcome.status = Status.OUTPUT_FILTERED if gate is not None and gate.blocked else Status.OK

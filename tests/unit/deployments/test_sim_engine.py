@@ -199,7 +199,8 @@ async def test_slow_is_measurably_slower():
         await eng.complete(request("x", max_tokens=5))
         return time.monotonic() - started
 
-    normal, slow = await timed(), await timed(fault="slow")
+    normal = min([await timed() for _ in range(3)])  # the fastest of three: one scheduling hiccup is not the engine
+    slow = await timed(fault="slow")
     assert slow > 3 * normal and slow >= 5 * 5 * 0.003
 
 

@@ -31,6 +31,10 @@ def test_stream_items_cross_as_plain_tuples_rendered_or_not():
     back = incoming(pickle.loads(pickle.dumps(outgoing(item, req))), 3)
     assert back.choices == [] and back.usage == Usage(3, 5)
     assert json.loads(back.rendered) == choices and " é".encode() in back.rendered  # UTF-8, as the ingress sends
+    assert back.relay is None
+    ticket = ("relay", "10.0.0.7", 41234, b"s" * 16)  # a relayed stream's first item carries the relay's ticket
+    first = incoming(pickle.loads(pickle.dumps((*outgoing(item, req), ticket))), 3)
+    assert first.relay == ticket and first.rendered == back.rendered and first.usage == Usage(3, 5)
 
 
 def test_chat_streams_are_rendered_as_chat_deltas():
