@@ -49,7 +49,7 @@ class ModelServer:
         freeze_startup_heap()  # no full collection walks vLLM, torch and Ray again (deployments/heap.py)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[tuple]:
-        """Items as `wire.outgoing` makes them; for a relayed stream, the first one, then the relay's ticket, then
+        """Items as `wire.outgoing` makes them; for a relayed stream, the first one with the relay's ticket, then
         the rest on the relay's socket (`relay.served`). Cancelling this generator (client gone, ingress gone) or
         the ingress closing the socket cancels the engine request, which frees its KV cache."""
         span = self._span(req)
