@@ -70,12 +70,14 @@ cluster: install dev-models
 faults: install dev-models
 	$(BIN)/pytest tests/faults
 
-# The gateway's own cost on the simulated engine (~10 min), then the side-by-side on the dev engine (~30 min).
+# The gateway's own cost on the simulated engine (~30 min), the side-by-side on the dev engine (~60 min), then where
+# the head-of-line probe's short request waits, from its spans (~3 min).
 bench: install dev-models
 	$(BIN)/pip install --progress-bar off -q -c constraints-cpu.txt "torch==2.13.0+cpu" -e ".[cpu,dev,bench]"
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(BIN)/python -m benchmarks.gateway --rounds 5 --duration 60
 	$(BIN)/python -m benchmarks.compare --rounds 5 --duration 60 --max-requests 1000
+	$(BIN)/python -m benchmarks.hol_trace --trials 25
 
 clean:
 	rm -rf $(VENV) .run .cache
