@@ -140,6 +140,17 @@ def report(rows: list[dict], meta: dict) -> str:
               f"{spread([1e6 / r['ingress_us_per_request'] for r in reqs if r['ingress_us_per_request']])} | "
               f"{spread([r['redis_script_calls_per_request'] for r in reqs])} | "
               f"{spread([r['e2e_p50_ms'] for r in reqs])} | {steal_spread(reqs)} |"]
+    def per_request(roles):
+        return [sum(r["cpu_s"].get(k, 0) for k in roles) / r["ok"] * 1e6 for r in reqs if r["ok"]]
+
+    stack = ("ingress", "model replica", "guard replica", "proxy", "redis", "ledger exporter", "ray", "other")
+    lines += ["", "The same requests' CPU in the rest of the stack, us/request (Ray's own processes: raylet, GCS, "
+              "Serve's controller, its agents; runs before the ledger exporter had a role of its own count it "
+              "there):", "", "| model replica | Redis | ledger exporter | Ray's own | every process of the stack |",
+              "|---|---|---|---|---|",
+              f"| {spread(per_request(['model replica']))} | {spread(per_request(['redis']))} | "
+              f"{spread(per_request(['ledger exporter']))} | {spread(per_request(['ray']))} | "
+              f"{spread(per_request(stack))} |"]
     errors = sorted({e for r in rows for e in r["errors"]})
     if errors:
         lines += ["", "Failures seen: " + "; ".join(errors)]

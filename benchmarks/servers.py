@@ -17,8 +17,8 @@ from serve_app.money import accounts, keyring, keyspace
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"
-ROLES = ("ingress", "model replica", "guard replica", "proxy", "vllm api server", "engine", "redis", "ray", "other",
-         "floor")
+ROLES = ("ingress", "model replica", "guard replica", "proxy", "vllm api server", "engine", "redis", "ledger exporter",
+         "ray", "other", "floor")
 
 
 def say(msg: str) -> None:
@@ -123,6 +123,8 @@ def role(p: psutil.Process) -> str:
         return "proxy"
     if "redis-server" in cmd:
         return "redis"
+    if "LedgerExporter" in cmd:
+        return "ledger exporter"
     if any(x in cmd for x in ("raylet", "gcs_server", "ServeController", "dashboard", "ray::", "ray/_private")):
         return "ray"
     return "other"
