@@ -6,8 +6,9 @@ sent 0.4 s into a 480-token stream, dev engine, guard off), against this service
 
 before admission (auth, body, tokenizing), admission (a Redis script), the handle's way to the model replica (Serve's
 router and transport), the engine (the replica's span: vLLM's intake, scheduling and steps), the way back, and the
-settlement (a Redis script). Tracing costs a little itself, so the totals here are not the comparison's figures; the
-split is what this is for. Writes benchmarks/results/hol-trace.{json,md}, every trial's stages in the JSON.
+settlement (a Redis script), with what Redis's latency monitor saw meanwhile (its writes wait for an fsync:
+`appendfsync always`). Tracing costs a little itself, so the totals here are not the comparison's figures; the split
+is what this is for. Writes benchmarks/results/hol-trace.{json,md}, every trial's stages in the JSON.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from pathlib import Path
 
 from benchmarks.servers import OUT, ROOT, System, bench_keys, say
 from benchmarks.sse_client import Connection
+from serve_app.money import keyspace
 from serve_app.ops.launcher import become_subreaper, stop_descendants
 
 RUN_DIR = ROOT / ".run" / "bench-hol-trace"
 PORT, METRICS_PORT, REDIS_URL = 8141, 8143, "redis://127.0.0.1:6395/0"
+LATENCY_MS = 5  # Redis's latency monitor records events (an fsync among them) at least this long
 MODEL = "qbt-dev-llm"
 GENERATION = f"text_completion {MODEL}"  # the ingress's inference span (GenAI conventions)
 STAGES = {  # name: (from, to), each an (span, "start" | "end"); the root span starts at 0
@@ -104,6 +107,11 @@ def report(rows: list[dict], meta: dict) -> str:
         xs = sorted(r["stages"][name] if name in STAGES else r["client_ms"] for r in traced)
         if xs:
             lines.append(f"| {name} | {statistics.median(xs):.1f} ({xs[int(len(xs) * 0.9) - 1]:.1f}, {xs[-1]:.1f}) |")
+    latency = meta.get("redis_latency") or {}
+    lines += ["", f"Redis's latency monitor during the trials (events of {LATENCY_MS} ms and more; its history keeps "
+              "the longest per second): " + ("; ".join(
+                  f"`{event}` {len(ms)} times, at most {max(ms)} ms" for event, ms in sorted(latency.items()))
+                  or "none")]
     return "\n".join(lines) + "\n"
 
 
@@ -118,17 +126,23 @@ def main() -> int:
         sys.executable, "-m", "serve_app.ops.cli", "serve", "--port", str(PORT), "--run-dir", str(RUN_DIR / "qbt"),
         "--admin-port", "0"], RUN_DIR, {"REDIS_URL": REDIS_URL, "QBT_METRICS_PORT": str(METRICS_PORT),
                                         "QBT_RAY_TEMP_DIR": str(RUN_DIR / "ray"), "OTEL_TRACES_EXPORTER": "console"})
+    latency: dict[str, list[int]] = {}
     try:
         system.wait_ready()
         key = bench_keys(REDIS_URL)["off"]
+        redis = keyspace.sync_client(REDIS_URL)
+        redis.config_set("latency-monitor-threshold", LATENCY_MS)
+        redis.latency_reset()
         rows = asyncio.run(trials(args.trials, {"Authorization": f"Bearer {key}"}))
+        latency = {event: [ms for _, ms in redis.latency_history(event)]
+                   for event, *_ in redis.latency_latest()}
     finally:
         system.stop()
         stop_descendants()
     split = dict(filter(None, (stages(trace) for trace in spans(RUN_DIR / "ray").values())))
     for row in rows:
         row["stages"] = split.get(row["request_id"])
-    meta = {"command": " ".join([".venv/bin/python -m benchmarks.hol_trace", *sys.argv[1:]]),
+    meta = {"command": " ".join([".venv/bin/python -m benchmarks.hol_trace", *sys.argv[1:]]), "redis_latency": latency,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     OUT.mkdir(parents=True, exist_ok=True)

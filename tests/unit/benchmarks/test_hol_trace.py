@@ -30,5 +30,6 @@ def test_the_stages_of_one_request_come_from_its_spans(tmp_path):
         "model replica back to the ingress": 2, "settlement (Redis script)": 2.5, "whole request at the ingress": 40}
     assert stages(trace[:2]) is None  # a request without every span is left out
     md = report([{"request_id": rid, "client_ms": 45.0, "ok": True, "stages": split}], {
-        "command": "c", "machine": "m", "when": "w"})
+        "command": "c", "machine": "m", "when": "w", "redis_latency": {"aof-fsync-always": [7, 430]}})
     assert "| engine (in the model replica) | 24.0 (24.0, 24.0) |" in md and "| client's whole request | 45.0" in md
+    assert "`aof-fsync-always` 2 times, at most 430 ms" in md
