@@ -3,6 +3,7 @@ cost rule, and a minimal model spec."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -19,8 +20,29 @@ SPEC = {"id": "m", "category": "llm", "source": "dev://qbt-dev-llm", "max_model_
         "prices": {"input_usd_per_mtok": "0.50", "output_usd_per_mtok": "1.50"}}
 
 
+PORTS_FROM = 20000  # above Ray's worker ports (10002-19999 by default)
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, from below the kernel's ephemeral range (and above Ray's worker ports): a port the kernel
+    handed out for a moment (bind to port 0) can be taken by any process's connection or Ray's own listeners before
+    the server under test binds it, which once failed the cluster tier ("Failed to bind to address"). Never the same
+    port twice in one run."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(PORTS_FROM, low)) if low - PORTS_FROM >= 1000 else []
+    random.shuffle(candidates)
+    for port in candidates[:500]:
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    with socket.socket() as s:  # no room below the ephemeral range on this machine: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
