@@ -27,7 +27,7 @@ from importlib.metadata import version
 
 from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
 from benchmarks.servers import HostSteal, steal_spread
-from benchmarks.sse_client import Connection, closed_loop
+from benchmarks.sse_client import closed_loop, head_of_line
 from serve_app.config.paths import model_path
 from serve_app.ops.dev_models import ensure_built
 from serve_app.ops.launcher import become_subreaper, stop_descendants
@@ -107,23 +107,11 @@ async def point(target: str, system: System, headers: dict, stream: bool, c: int
 
 async def probe(target: str, port: int, headers: dict) -> dict:
     """Head-of-line: a 2-token whole request sent 0.4 s into a 480-token stream; its latency, per trial."""
-    long_body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True,
-                            "stream": True, "stream_options": {"include_usage": True}}).encode()
-    short_body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2, "ignore_eos": True}).encode()
     trials, host = [], HostSteal()
     for _ in range(PROBE_TRIALS):
-        a, b = Connection("127.0.0.1", port), Connection("127.0.0.1", port)
-        try:
-            t0 = time.perf_counter()
-            long = asyncio.ensure_future(a.post("/v1/completions", long_body, headers, 480, True, t0))
-            await asyncio.sleep(0.4)
-            short = await b.post("/v1/completions", short_body, headers, 2, False, t0)
-            long = await long
-            trials.append({"short_ms": short.e2e * 1000, "short_ok": short.ok, "long_s": long.e2e,
-                           "long_ok": long.ok, "error": short.error or long.error})
-        finally:
-            a.close()
-            b.close()
+        short, long = await head_of_line(port, headers, MODEL)
+        trials.append({"short_ms": short.e2e * 1000, "short_ok": short.ok, "long_s": long.e2e, "long_ok": long.ok,
+                       "error": short.error or long.error})
     ok, steal = [t["short_ms"] for t in trials if t["short_ok"] and t["long_ok"]], host.pct()
     say(f"{target:10s} head-of-line probe: short request {statistics.median(ok) if ok else 0:.0f} ms median "
         f"({', '.join(f'{x:.0f}' for x in ok)}), host steal {steal:.1f}%")

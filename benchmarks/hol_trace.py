@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks.servers import OUT, ROOT, System, bench_keys, say
-from benchmarks.sse_client import Connection
+from benchmarks.sse_client import head_of_line
 from serve_app.money import keyspace
 from serve_app.ops.launcher import become_subreaper, stop_descendants
 
@@ -48,25 +48,12 @@ STAGES = {  # name: (from, to), each an (span, "start" | "end"); the root span s
 
 
 async def trials(n: int, headers: dict) -> list[dict]:
-    long_body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True,
-                            "stream": True, "stream_options": {"include_usage": True}}).encode()
-    short_body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2, "ignore_eos": True}).encode()
     out = []
     for i in range(n):
-        a, b = Connection("127.0.0.1", PORT), Connection("127.0.0.1", PORT)
-        try:
-            t0 = time.perf_counter()
-            long = asyncio.ensure_future(a.post("/v1/completions", long_body, headers, 480, True, t0))
-            await asyncio.sleep(0.4)
-            short = await b.post("/v1/completions", short_body, {**headers, "x-request-id": f"probe-{i}"}, 2,
-                                 False, t0)
-            long = await long
-            out.append({"request_id": f"probe-{i}", "client_ms": short.e2e * 1000, "ok": short.ok and long.ok,
-                        "error": short.error or long.error})
-            say(f"trial {i + 1}/{n}: short request {short.e2e * 1000:.0f} ms")
-        finally:
-            a.close()
-            b.close()
+        short, long = await head_of_line(PORT, headers, MODEL, f"probe-{i}")
+        out.append({"request_id": f"probe-{i}", "client_ms": short.e2e * 1000, "ok": short.ok and long.ok,
+                    "error": short.error or long.error})
+        say(f"trial {i + 1}/{n}: short request {short.e2e * 1000:.0f} ms")
     return out
 
 

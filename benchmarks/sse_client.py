@@ -144,3 +144,23 @@ async def closed_loop(host: str, port: int, body: dict, headers: dict[str, str],
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return samples, time.perf_counter() - t0
+
+
+async def head_of_line(port: int, headers: dict[str, str], model: str, request_id: str | None = None
+                       ) -> tuple[Sample, Sample]:
+    """One head-of-line trial: a 2-token whole request sent 0.4 s into a 480-token stream, each on its own
+    connection; (the short request's sample, the stream's)."""
+    long_body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True}}).encode()
+    short_body = json.dumps({"model": model, "prompt": "Hi", "max_tokens": 2, "ignore_eos": True}).encode()
+    short_headers = {**headers, "x-request-id": request_id} if request_id else headers
+    a, b = Connection("127.0.0.1", port), Connection("127.0.0.1", port)
+    try:
+        t0 = time.perf_counter()
+        long = asyncio.ensure_future(a.post("/v1/completions", long_body, headers, 480, True, t0))
+        await asyncio.sleep(0.4)
+        short = await b.post("/v1/completions", short_body, short_headers, 2, False, t0)
+        return short, await long
+    finally:
+        a.close()
+        b.close()
