@@ -87,10 +87,10 @@ def incoming(raw: tuple, prompt_tokens: int) -> StreamItem:
     """An item from the handle: `outgoing`'s tuple, with the relay's ticket as a third element on a relayed
     stream's first item (so that the ticket costs no handle message of its own)."""
     payload, completion_tokens, *ticket = raw
-    usage = Usage(prompt_tokens, completion_tokens)
+    usage, relay = Usage(prompt_tokens, completion_tokens), ticket[0] if ticket else None
     if isinstance(payload, bytes):
-        return StreamItem([], usage, payload, ticket[0] if ticket else None)
-    return StreamItem(payload, usage, None, ticket[0] if ticket else None)
+        return StreamItem([], usage, payload, relay)
+    return StreamItem(payload, usage, None, relay)
 
 
 class EngineFailure(Exception):
