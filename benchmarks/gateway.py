@@ -113,7 +113,7 @@ def report(rows: list[dict], meta: dict) -> str:
              "|" + "---|" * 12]
     for name in ("floor", "qbt", "qbt+guard", "qbt handle"):
         rs = [by[(n, name)] for n in rounds if (n, name) in by]
-        per = lambda k: [r["cpu_s"][k] / r["events"] * 1e6 if r["events"] else None for r in rs]  # noqa: E731
+        per = lambda k: [r["cpu_s"].get(k, 0) / r["events"] * 1e6 if r["events"] else None for r in rs]  # noqa: E731
         ratio = [by[(n, name)]["gateway_us_per_event"] / by[(n, "floor")]["gateway_us_per_event"]
                  for n in rounds if (n, name) in by and (n, "floor") in by]
         lines.append(f"| {name} | {spread([r['events'] / r['wall_s'] for r in rs])} | "
@@ -130,6 +130,10 @@ def report(rows: list[dict], meta: dict) -> str:
     lines += ["", "`qbt` streams on the relay (`stream_transport: relay`, the default); `qbt handle` is the same stack "
               "with one Serve handle message per engine step. Gateway CPU per event, relay / handle, paired per "
               f"round: {spread(relay)}."]
+    ingress = [r["events"] / r["cpu_s"]["ingress"] for n in rounds
+               if (r := by.get((n, "qbt"))) and r["cpu_s"].get("ingress")]
+    lines += ["", "Events one ingress core sustains at that cost (one second of CPU over the ingress CPU per event, on the relay): "
+              f"{spread(ingress, '{:.0f}')} events/s."]
     reqs = [by[(n, "qbt requests")] for n in rounds if (n, "qbt requests") in by]
     lines += ["", "Short whole requests (`max_tokens` 1, concurrency "
               f"{reqs[0]['concurrency'] if reqs else '-'}), guard off:", "",
