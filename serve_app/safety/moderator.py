@@ -35,6 +35,11 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
 
 class Moderator:
     VERDICT_TOKENS = 32
+    # A verdict ends at its refusal line at the latest (Qwen3Guard's response format; its prompt format has none):
+    # the guard's generation stops there, so a model that does not end its turn after the verdict (the dev guard
+    # repeats "Refusal: No" until max_tokens) is still read, and spends no tokens past it. What comes before the
+    # stop is still parsed strictly.
+    SAMPLING = {"temperature": 0.0, "stop": ["\nRefusal: Yes", "\nRefusal: No"], "include_stop_str_in_output": True}
 
     def __init__(self, route, timeout_s: float, metrics=None):
         self.route = route
@@ -68,7 +73,7 @@ class Moderator:
 
     async def _ask(self, ids: list[int]) -> Verdict:
         req = GenerationRequest(request_id="guard-" + uuid.uuid4().hex, prompts=[ids], prompt_texts=[None],
-                                sampling={"temperature": 0.0}, max_tokens=self.VERDICT_TOKENS)
+                                sampling=dict(self.SAMPLING), max_tokens=self.VERDICT_TOKENS)
         started = time.monotonic()
         try:
             choices, _ = await asyncio.wait_for(self.route.complete.remote(req), self.timeout_s)

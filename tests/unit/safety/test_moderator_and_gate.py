@@ -11,7 +11,7 @@ import pytest
 from deployments.sim_tokenizer import IM_END, sim_tokenizer
 from serve_app.safety.gate import TAIL_CHARS, StreamGate
 from serve_app.safety.moderator import Moderator, windows, windows_from
-from serve_app.safety.policy import GuardMode, GuardPolicy, parse_verdict
+from serve_app.safety.policy import GuardError, GuardMode, GuardPolicy, parse_verdict
 from serve_app.serving.prompts import Prompts, prompt_texts
 
 SAFE = parse_verdict("Safety: Safe\nCategories: None")
@@ -149,3 +149,41 @@ async def test_a_word_cut_by_a_release_reaches_the_guard_whole():
         committed.append(guard.tokenizer.decode(gate.ids[0]))
     assert seen == ["one ", "one two ", "one two thr", "one two three ", "one two three four"]  # all judged
     assert committed == ["one ", "one two ", "one two ", "one two three ", "one two three four"]
+
+
+RAMBLING = "Safety: Safe\nCategories: None\nRefusal: No\nRefusal: No\nRefusal: No"  # the dev guard, seen in a run
+
+
+class RecordingRoute:
+    """The guard model's route: records each request and answers `text` as vLLM does under the request's stop
+    strings (cut after the first one, kept in the output: `include_stop_str_in_output`)."""
+
+    def __init__(self, text: str):
+        self.text, self.requests = text, []
+        self.tokenizer, self.spec = sim_tokenizer(), SimpleNamespace(max_model_len=2048)
+        self.complete = SimpleNamespace(remote=self.remote)
+
+    async def remote(self, req):
+        self.requests.append(req)
+        text, stops = self.text, req.sampling.get("stop") or []
+        hits = [(text.find(s), s) for s in stops if s in text]
+        if hits and req.sampling.get("include_stop_str_in_output"):
+            at, stop = min(hits)
+            text = text[:at + len(stop)]
+        return [{"text": text, "index": 0}], None
+
+
+async def test_a_verdict_ends_at_its_refusal_line_so_a_guard_that_runs_on_is_still_read():
+    route = RecordingRoute(RAMBLING)
+    verdict = await Moderator(route, timeout_s=1).check_response("a question", "an answer")
+    assert verdict.safety == "Safe" and verdict.refusal == "No"
+    [req] = route.requests
+    assert req.sampling["temperature"] == 0.0 and req.max_tokens == Moderator.VERDICT_TOKENS
+    with pytest.raises(GuardError):  # without the stop, the same answer is outside the format: a guard error
+        parse_verdict(RAMBLING)
+
+
+async def test_what_comes_before_the_stop_is_still_parsed_strictly():
+    route = RecordingRoute("Safety: Safe\nCategories: None\n: No\nRefusal: No")
+    with pytest.raises(GuardError):
+        await Moderator(route, timeout_s=1).check_response("a question", "an answer")
