@@ -132,8 +132,8 @@ def report(rows: list[dict], meta: dict) -> str:
               f"round: {spread(relay)}."]
     ingress = [r["events"] / r["cpu_s"]["ingress"] for n in rounds
                if (r := by.get((n, "qbt"))) and r["cpu_s"].get("ingress")]
-    lines += ["", "Events one ingress core sustains at that cost (one second of CPU over the ingress CPU per event, on the relay): "
-              f"{spread(ingress, '{:.0f}')} events/s."]
+    lines += ["", "Events one ingress core sustains at that cost (one second of CPU over the ingress CPU per event, on "
+              f"the relay): {spread(ingress, '{:.0f}')} events/s."]
     reqs = [by[(n, "qbt requests")] for n in rounds if (n, "qbt requests") in by]
     lines += ["", "Short whole requests (`max_tokens` 1, concurrency "
               f"{reqs[0]['concurrency'] if reqs else '-'}), guard off:", "",

@@ -167,9 +167,9 @@ class RecordingRoute:
         self.requests.append(req)
         text, stops = self.text, req.sampling.get("stop") or []
         hits = [(text.find(s), s) for s in stops if s in text]
-        if hits and req.sampling.get("include_stop_str_in_output"):
+        if hits:
             at, stop = min(hits)
-            text = text[:at + len(stop)]
+            text = text[:at + (len(stop) if req.sampling.get("include_stop_str_in_output") else 0)]
         return [{"text": text, "index": 0}], None
 
 
