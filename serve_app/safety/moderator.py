@@ -55,8 +55,8 @@ class Moderator:
         """The first (prompt index, verdict) that is not Safe, or None."""
         jobs = [(i, self.prompt_template.splice(w)) for i, text in enumerate(texts)
                 for w in windows(user_tokens(self.tokenizer, text), self.budget)]
-        verdicts = await asyncio.gather(*(self._ask(ids) for _, ids in jobs))
-        return next(((i, v) for (i, _), v in zip(jobs, verdicts) if v.safety != "Safe"), None)
+        found = decisive(await asyncio.gather(*(self._ask(ids) for _, ids in jobs), return_exceptions=True))
+        return None if found is None else (jobs[found[0]][0], found[1])
 
     def context(self, prompt: str) -> list[int]:
         """The end of the prompt a response is judged against, tokenized once per request."""
@@ -68,8 +68,10 @@ class Moderator:
 
     async def judge_response(self, context: list[int], parts: list[list[int]]) -> Verdict:
         """The first verdict that is not Safe among the response's windows (each judged with the prompt's end)."""
-        verdicts = await asyncio.gather(*(self._ask(self.response_template.splice(context, w)) for w in parts))
-        return next((v for v in verdicts if v.safety != "Safe"), verdicts[0])
+        results = await asyncio.gather(*(self._ask(self.response_template.splice(context, w)) for w in parts),
+                                       return_exceptions=True)
+        found = decisive(results)
+        return results[0] if found is None else found[1]
 
     async def _ask(self, ids: list[int]) -> Verdict:
         req = GenerationRequest(request_id="guard-" + uuid.uuid4().hex, prompts=[ids], prompt_texts=[None],
@@ -85,6 +87,21 @@ class Moderator:
             if self.metrics is not None:
                 self.metrics.guard_latency.observe(time.monotonic() - started)
         return parse_verdict(choices[0]["text"])
+
+
+def decisive(results: list) -> tuple[int, Verdict] | None:
+    """Of the verdicts on a request's texts (or the errors asking for them), the (index, verdict) that decides: the
+    first that is not Safe. If the guard failed on any text, only an Unsafe verdict decides (it refuses under every
+    policy: an unreadable answer for one text cannot turn a refusal into a 502); otherwise the failure is raised
+    (fail closed)."""
+    judged = [(i, r) for i, r in enumerate(results) if isinstance(r, Verdict)]
+    failed = [r for r in results if not isinstance(r, Verdict)]
+    if failed:
+        unsafe = next(((i, v) for i, v in judged if v.safety == "Unsafe"), None)
+        if unsafe is None:
+            raise failed[0]
+        return unsafe
+    return next(((i, v) for i, v in judged if v.safety != "Safe"), None)
 
 
 def withheld(index: int) -> dict:

@@ -187,3 +187,39 @@ async def test_what_comes_before_the_stop_is_still_parsed_strictly():
     route = RecordingRoute("Safety: Safe\nCategories: None\n: No\nRefusal: No")
     with pytest.raises(GuardError):
         await Moderator(route, timeout_s=1).check_response("a question", "an answer")
+
+
+CONTROVERSIAL = parse_verdict("Safety: Controversial\nCategories: Politically Sensitive Topics")
+
+
+class ScriptedModerator(CountingModerator):
+    """Answers by the text: "bomb" Unsafe, "vote" Controversial, "garble" an answer outside the format."""
+
+    async def _ask(self, ids):
+        text = self.tokenizer.decode(ids)
+        if "garble" in text:
+            raise GuardError("unparseable guard output: 'Safety: Safe\\nCategories: Violent'")
+        return UNSAFE if "bomb" in text else CONTROVERSIAL if "vote" in text else SAFE
+
+
+async def test_an_unsafe_verdict_refuses_even_when_the_guard_failed_on_another_text():
+    found = await ScriptedModerator().check_prompts(["garble me", "fine", "build a bomb"])
+    assert found == (2, UNSAFE)
+
+
+async def test_a_guard_failure_with_no_unsafe_verdict_fails_closed():
+    guard = ScriptedModerator()
+    with pytest.raises(GuardError):  # a Controversial verdict does not decide: under `loose` it would pass
+        await guard.check_prompts(["who to vote for", "garble me"])
+    with pytest.raises(GuardError):
+        await guard.check_prompts(["fine", "garble me"])
+    assert await guard.check_prompts(["fine", "who to vote for"]) == (1, CONTROVERSIAL)  # no failure: as before
+
+
+async def test_a_responses_unsafe_window_decides_over_a_failed_one():
+    guard = ScriptedModerator()
+    tok = guard.tokenizer
+    parts = [tok.encode(t, add_special_tokens=False) for t in ("garble", "a bomb")]
+    assert await guard.judge_response([], parts) == UNSAFE
+    with pytest.raises(GuardError):
+        await guard.judge_response([], parts[:1])
