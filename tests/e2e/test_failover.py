@@ -89,16 +89,31 @@ def test_replica_death_is_upstream_error_and_service_recovers(stack, customer, r
 
 
 def test_guard_down_closed_is_502_open_passes_marked(stack, make_customer):
+    """A guard that does not answer: its replica's process stopped (SIGSTOP), so every guard call runs out its
+    `timeout_s` (10 s), well within Serve's health-check timeout, and the guard stays down for both requests, sent
+    together. (With SIGKILL, Serve's restart on a fast host could bring the guard back before the second request;
+    a killed guard is `tests/faults`'.)"""
     closed, open_ = make_customer(guard="input"), make_customer(guard="input,open")
     body = {"model": MODEL, "prompt": "The capital of Canada is", "max_tokens": 4, "temperature": 0}
     guard = replica_process(stack, "qbt-dev-guard")
-    guard.send_signal(signal.SIGKILL)
-    guard.wait(timeout=10)
-    res = httpx.post(stack.base_url + "/v1/completions", json=body, timeout=120,
-                     headers={"Authorization": f"Bearer {closed.key}"})
+    answers: dict[str, httpx.Response] = {}
+
+    def call(name: str, key: str) -> None:
+        answers[name] = httpx.post(stack.base_url + "/v1/completions", json=body, timeout=120,
+                                   headers={"Authorization": f"Bearer {key}"})
+
+    guard.send_signal(signal.SIGSTOP)
+    try:
+        calls = [threading.Thread(target=call, args=args) for args in (("closed", closed.key), ("open", open_.key))]
+        for t in calls:
+            t.start()
+        for t in calls:
+            t.join(timeout=120)
+    finally:
+        guard.send_signal(signal.SIGCONT)
+    res = answers["closed"]
     assert res.status_code == 502 and res.json()["error"]["code"] == "upstream_error"
     assert "guard" in res.json()["error"]["message"]
-    res = httpx.post(stack.base_url + "/v1/completions", json=body, timeout=120,
-                     headers={"Authorization": f"Bearer {open_.key}"})
+    res = answers["open"]
     assert res.status_code == 200 and res.headers["x-qbt-guard"] == "unavailable"
     assert res.json()["choices"][0]["text"].startswith(" Ottawa")
