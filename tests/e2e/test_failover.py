@@ -111,6 +111,8 @@ def test_guard_down_closed_is_502_open_passes_marked(stack, make_customer):
             t.join(timeout=120)
     finally:
         guard.send_signal(signal.SIGCONT)
+    assert set(answers) == {"closed", "open"}, (
+        f"only {sorted(answers)} answered within 120 s: a request thread failed (pytest's warnings show why)")
     res = answers["closed"]
     assert res.status_code == 502 and res.json()["error"]["code"] == "upstream_error"
     assert "guard" in res.json()["error"]["message"]
