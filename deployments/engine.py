@@ -69,19 +69,19 @@ class Engine:
         if req.best_of and req.best_of > req.n and want_logprobs is None:
             want_logprobs = 0
         kwargs = dict(req.sampling)
-        if "logit_bias" in kwargs:
-            kwargs["logit_bias"] = {int(k): float(v) for k, v in kwargs["logit_bias"].items()}
-        if "structured_outputs" in kwargs:  # chat's response_format (serve_app/api/chat_protocol.py)
-            from vllm.sampling_params import StructuredOutputsParams
+        try:  # whatever vLLM refuses here is the request's fault: 400, never the model's 502
+            if "logit_bias" in kwargs:
+                kwargs["logit_bias"] = {int(k): float(v) for k, v in kwargs["logit_bias"].items()}
+            if "structured_outputs" in kwargs:  # chat's response_format (serve_app/api/chat_protocol.py)
+                from vllm.sampling_params import StructuredOutputsParams
 
-            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
-        try:
+                kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
             return SamplingParams(
                 n=1 if self._greedy(req) else candidates, max_tokens=max(req.max_tokens, 1),
                 logprobs=want_logprobs,
                 prompt_logprobs=_prompt_logprobs(req),
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY, **kwargs)
-        except (ValueError, TypeError) as exc:
+        except (TypeError, *_request_errors()) as exc:
             raise InvalidSampling(str(exc)) from exc
 
     def _fragment(self, req: GenerationRequest, cursor: ChoiceCursor, out, prompt_idx: int,

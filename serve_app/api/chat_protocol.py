@@ -108,6 +108,9 @@ class ChatCompletionRequest(SamplingFields):
         """Unset, the reply may run to the end of the context, as OpenAI's and vLLM's chat do; the reservation
         then covers that much."""
         self._max_tokens = self.requested_max_tokens or max(max_model_len - prompt_tokens, 1)
+        if self.min_tokens and self.min_tokens > self._max_tokens:
+            raise invalid(f"min_tokens ({self.min_tokens}) is more than this prompt leaves of the model's context "
+                          f"({self._max_tokens} tokens)", "min_tokens")
         return self._max_tokens
 
     @property

@@ -21,6 +21,8 @@ TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1
 Prompt = StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | TokenIds | Annotated[
     list[TokenIds], Field(min_length=1)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+NonEmpty = Annotated[StrictStr, Field(min_length=1)]  # a stop string or a bad word ("" is refused by vLLM)
+TOKEN_ID_DIGITS = 10  # a logit_bias key: ASCII digits, no longer than any vocabulary's ids need
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 M = TypeVar("M", bound=BaseModel)
 FIELD_NAMES: dict[type, set[str]] = {}  # a request model -> every field name its nested models use (chat's)
@@ -62,11 +64,11 @@ class SamplingFields(BaseModel):
 
     model: StrictStr
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Unit | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None  # vLLM samples from a nonempty nucleus
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = 1
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[StrictStr, Annotated[float, Field(ge=-100, le=100)]] | None = None
@@ -74,7 +76,7 @@ class SamplingFields(BaseModel):
     user: StrictStr | None = None
 
     # vLLM extra sampling parameters, passed through to SamplingParams.
-    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, lt=INT64)] | None = None
     min_p: Unit | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
     min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
@@ -84,10 +86,11 @@ class SamplingFields(BaseModel):
     skip_special_tokens: StrictBool | None = None
     spaces_between_special_tokens: StrictBool | None = None
     allowed_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)] | None = None
-    bad_words: list[StrictStr] | None = None
+    bad_words: list[NonEmpty] | None = None
     structured_outputs: StructuredOutputs | None = None
     return_token_ids: StrictBool | None = None  # choices carry `token_ids` (and `prompt_token_ids`)
-    priority: StrictInt | None = None  # only for models whose engine schedules by priority (lower runs first)
+    # Only for models whose engine schedules by priority (lower runs first).
+    priority: Annotated[StrictInt, Field(ge=-INT64, lt=INT64)] | None = None
     prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None  # per prompt token, on the first chunk
 
     @property
@@ -95,11 +98,12 @@ class SamplingFields(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
     def _check_sampling(self, max_tokens: int | None) -> None:
+        """The checks across fields; `max_tokens`: what the engine will be given, when known before tokenizing."""
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options can only be set when stream is true", "stream_options")
         if self.logit_bias:
             for key in self.logit_bias:
-                if not key.isdigit():
+                if not (key.isascii() and key.isdigit() and len(key) <= TOKEN_ID_DIGITS):
                     raise invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
         if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
             raise invalid("min_tokens must be less than or equal to max_tokens", "min_tokens")
@@ -138,7 +142,7 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:
-        self._check_sampling(self.max_tokens)
+        self._check_sampling(self.max_tokens_or_default)
         if self.best_of is not None and self.best_of < self.choices_per_prompt:
             raise invalid("best_of must be greater than or equal to n", "best_of")
         if self.stream and self.best_of is not None and self.best_of > self.choices_per_prompt:

@@ -50,9 +50,29 @@ def envelope(res: httpx.Response, status: int, code: str, param=None) -> dict:
     ({"prompt": "hi"}, "model"),
     ({"model": MODEL}, "prompt"),
     ({**OK, "top_k": "1"}, "top_k"),
+    # Accepted by the fields' types but refused by vLLM's SamplingParams (or its engine's intake): 400, never 502.
+    ({**OK, "top_p": 0}, "top_p"),
+    ({**OK, "stop": ""}, "stop"),
+    ({**OK, "stop": ["x", ""]}, "stop"),
+    ({**OK, "bad_words": [""]}, "bad_words"),
+    ({**OK, "logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    ({**OK, "logit_bias": {"1" * 5000: 1}}, "logit_bias"),
+    ({**OK, "top_k": 10**30, "temperature": 1}, "top_k"),
+    ({**OK, "priority": 2**70}, "priority"),
+    ({**OK, "max_tokens": None, "min_tokens": 100}, "min_tokens"),
 ])
 def test_invalid_request_names_the_param(http, body, param):
     envelope(http.post("/v1/completions", json=body), 400, "invalid_request", param)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"min_tokens": 100000}, "min_tokens"),  # above what the context leaves, with no max_tokens set
+    ({"stop": [""]}, "stop"),
+    ({"top_p": 0}, "top_p"),
+])
+def test_invalid_chat_request_names_the_param(http, extra, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of Canada?"}], **extra}
+    envelope(http.post("/v1/chat/completions", json=body), 400, "invalid_request", param)
 
 
 @pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"null", b"\xff\xfe", b"[" * 100000])

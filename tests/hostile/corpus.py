@@ -22,12 +22,13 @@ WRONG = {
     "model": [1, True, [], {}, ["x"], None, ""],
     "prompt": [42, 1.5, True, {}, None, [], [[]], [1, "a"], ["a", 1], [[1], "a"], [1.5], [True], [None], [[1.5]],
                {"text": "hi"}, [-1], [[5], [-1]], [["a"]]],
-    "stop": [1, True, {}, [1], [None], [["a"]], ["a", "b", "c", "d", "e"]],
+    "stop": [1, True, {}, [1], [None], [["a"]], ["a", "b", "c", "d", "e"], "", ["a", ""]],
     "stream_options": ["x", 1, True, [], {"include_usage": 1}, {"include_usage": "true"}, {"x": True}],
     "logit_bias": [[], "x", 1, True, {"x": 1}, {"5": "1"}, {"5": 101}, {"5": -101}, {"-5": 1}, {"": 1}, {"5": True},
-                   {"5": [1]}, {"5": None}, {" 5": 1}, {"5.0": 1}],
+                   {"5": [1]}, {"5": None}, {" 5": 1}, {"5.0": 1},
+                   {"\u00b2": 1}, {"\u0663": 1}, {"1" * 11: 1}],
     "ids": ["x", 1, [-1], ["1"], [1.5], {}, [True], [None], [[1]]],
-    "words": ["x", [1], [None], {}, 1, [["a"]]],
+    "words": ["x", [1], [None], {}, 1, [["a"]], [""]],
     "structured": ["x", 1, True, [], {}, {"regex": 1}, {"choice": []}, {"choice": "a"}, {"json": 3},
                    {"regex": "a", "choice": ["a"]}, {"x": 1}, {"json_object": "true"}, {"grammar": None, "x": 1}],
 }
@@ -42,12 +43,12 @@ KINDS = {
     "return_token_ids": "bool", "priority": "int", "prompt_logprobs": "int"}
 OUT_OF_RANGE = {
     "max_tokens": [-1, BIG, -BIG], "n": [0, MAX_CHOICES + 1, -1, BIG, -BIG], "best_of": [0, 21, BIG],
-    "logprobs": [-1, 6, BIG], "seed": [2**63, -2**63 - 1, BIG], "top_k": [-2, -BIG], "min_tokens": [-1, BIG, 3],
-    "temperature": [-0.1, 2.01, 1e300], "top_p": [-0.1, 1.01], "presence_penalty": [-2.01, 2.01],
+    "logprobs": [-1, 6, BIG], "seed": [2**63, -2**63 - 1, BIG], "top_k": [-2, -BIG, 2**63], "min_tokens": [-1, BIG, 3],
+    "temperature": [-0.1, 2.01, 1e300], "top_p": [-0.1, 1.01, 0], "presence_penalty": [-2.01, 2.01],
     "frequency_penalty": [-2.01, 2.01], "min_p": [-0.1, 1.01], "repetition_penalty": [0, -1, 2.01],
     "prompt_logprobs": [-1, 21, BIG], "priority": [1, -1, BIG]}  # priority: the sim models do not schedule by it
 # No upper bound in the contract: passed through to the engine (vLLM clamps or refuses them); any answer but a 5xx.
-UNBOUNDED = {"top_k": BIG, "stop_token_ids": [BIG], "allowed_token_ids": [BIG], "logit_bias": {str(BIG): 1}}
+UNBOUNDED = {"top_k": 2**63 - 1, "stop_token_ids": [BIG], "allowed_token_ids": [BIG], "logit_bias": {"9" * 10: 1}}
 
 
 def j(obj) -> bytes:

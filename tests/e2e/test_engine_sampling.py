@@ -1,0 +1,33 @@
+"""What vLLM's own SamplingParams refuses reaches the client as 400 `invalid_request`, not as the model's 502:
+`deployments/engine.py` maps vLLM's client errors (they are not ValueErrors) to InvalidSampling. Real vLLM, no
+engine started; the ingress's fields already refuse these, so this is the engine's own line of defence."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.engine import Engine
+from deployments.wire import GenerationRequest, InvalidSampling
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("sampling", [
+    {"top_p": 0.0},
+    {"stop": [""]},
+    {"bad_words": [""]},
+    {"min_tokens": 100},
+    {"logit_bias": {"\u00b2": 1.0}},
+    {"structured_outputs": {"json": "{}", "regex": "a"}},
+])
+def test_vllms_refusals_are_invalid_sampling(sampling):
+    req = GenerationRequest("cmpl-x", [[1, 2]], ["hi"], sampling, max_tokens=16)
+    with pytest.raises(InvalidSampling):
+        Engine("unused", "m", {})._params(req, 1, stream=False)
+
+
+def test_valid_sampling_builds_params():
+    req = GenerationRequest("cmpl-x", [[1, 2]], ["hi"], {"top_p": 0.5, "stop": ["\n"], "logit_bias": {"7": -1.0}},
+                            max_tokens=16)
+    params = Engine("unused", "m", {})._params(req, 1, stream=False)
+    assert params.top_p == 0.5 and params.stop == ["\n"] and params.logit_bias == {7: -1.0}
