@@ -180,6 +180,9 @@ class FakeBilling:
         self.settled_event.set()
         return usage.prompt_tokens + 3 * usage.completion_tokens if status.charged else 0
 
+    async def drain(self, timeout_s: float) -> int:
+        return 0
+
     async def one_settlement(self, timeout: float = 5) -> tuple[str, Usage, Status]:
         """The one settlement of the request: it came, and no second one follows it."""
         await asyncio.wait_for(self.settled_event.wait(), timeout)

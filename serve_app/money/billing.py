@@ -3,6 +3,8 @@ The rules of both live here or in the scripts, never in the request path."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -15,6 +17,7 @@ from serve_app.money.leases import Leases
 from serve_app.money.settlement import Settlement, Settler
 from serve_app.money.status import Status
 
+log = logging.getLogger("qbt.billing")
 
 def completion_budget(req: CompletionRequest | ChatCompletionRequest, prompts: int) -> int:
     """The worst case the reservation covers: every candidate of every prompt runs to max_tokens."""
@@ -31,6 +34,7 @@ class Billing:
         self.settler = settler
         self.leases = leases
         self._known: dict[str, float] = {}  # key hash -> until when it is taken as known (admission re-checks)
+        self._releasing: set[asyncio.Task] = set()  # admissions whose request went away while they were in flight
 
     @classmethod
     def on(cls, redis, default_rpm: int, default_tpm: int, reservation_ttl_s: float, checkpoint_s: float = 2.0,
@@ -72,14 +76,42 @@ class Billing:
 
     async def admit(self, key: str, completion_id: str, request_id: str, model: str, prices: PriceRates,
                     req: CompletionRequest, prompt_ids: list[list[int]], safety_model: bool = False) -> Admission:
-        """Authenticates, applies the key's rate limits and reserves the worst-case cost, in one Redis trip."""
+        """Authenticates, applies the key's rate limits and reserves the worst-case cost, in one Redis trip.
+        The trip runs to its end even when the request is cancelled meanwhile (its client gone): a reservation the
+        script made is then released at once, rather than holding the money and the key's concurrency slot until
+        its deadline."""
         digest = keys.key_hash(key)
-        admission = await self.admitter.admit(digest, completion_id, request_id, model, prices,
-                                              sum(len(p) for p in prompt_ids),
-                                              completion_budget(req, len(prompt_ids)), safety_model)
+        trip = asyncio.ensure_future(self.admitter.admit(digest, completion_id, request_id, model, prices,
+                                                         sum(len(p) for p in prompt_ids),
+                                                         completion_budget(req, len(prompt_ids)), safety_model))
+        try:
+            admission = await asyncio.shield(trip)
+        except asyncio.CancelledError:
+            trip.add_done_callback(self._release_unclaimed)
+            raise
         self.leases.hold(admission)  # renewed (and a stream's delivery checkpointed) while the request runs
         self._remember(digest)
         return admission
+
+    def _release_unclaimed(self, trip: asyncio.Task) -> None:
+        """Settles, as disconnected and with nothing produced (so charged nothing), an admission nobody awaits."""
+        if trip.cancelled() or trip.exception() is not None:  # nothing reserved (a refusal, Redis unreachable)
+            return
+        task = asyncio.get_running_loop().create_task(self.settle(trip.result(), Usage(), Status.DISCONNECTED))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the reservation's deadline reconciles it
+            log.warning("releasing an admission whose request went away failed: %r", task.exception())
+
+    async def drain(self, timeout_s: float) -> int:
+        """Waits for the releases still running (the ingress is stopping); returns how many did not finish."""
+        pending = set(self._releasing)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout_s)
+        return len(pending)
 
     async def settle(self, admission: Admission, usage: Usage, status: Status) -> int | None:
         """Charges `usage` when the status pays (Status.charged), releases the rest; the micro-dollars charged."""

@@ -74,8 +74,10 @@ class Gateway:
         return cls(config, router, billing, safety, metrics, redis.ping, ledger=ledger)
 
     async def drain(self, timeout_s: float) -> int:
-        """Waits for both paths' settlements still running (the ingress is stopping); how many did not finish."""
-        left = await asyncio.gather(self.completions.drain(timeout_s), self.chat.drain(timeout_s))
+        """Waits for both paths' settlements still running, and money's own releases (the ingress is stopping); how
+        many did not finish."""
+        left = await asyncio.gather(self.completions.drain(timeout_s), self.chat.drain(timeout_s),
+                                    self.billing.drain(timeout_s))
         return sum(left)
 
     def app(self) -> Starlette:

@@ -60,6 +60,36 @@ async def test_served_streamed_and_disconnected_requests_balance_to_the_micro_do
     assert_books_balance(r, name, rows)
 
 
+async def test_a_request_gone_while_admitted_holds_neither_money_nor_its_slot(harness, r):
+    """The client goes away after the admission script reserved but before its reply came back: the reservation is
+    released at once (disconnected, nothing produced, nothing charged), not held until its deadline, 900 s here."""
+    name = "g-" + uuid.uuid4().hex[:8]
+    accounts.create_account(r, name, "1")
+    key, _ = keyring.create_key(r, name, guard="off", concurrency=1)
+    admitter = harness.billing.admitter
+    real, reserved = admitter.admit, asyncio.Event()
+
+    async def late_reply(*args, **kwargs):
+        admission = await real(*args, **kwargs)
+        reserved.set()
+        await asyncio.sleep(0.5)
+        return admission
+
+    admitter.admit = late_reply
+    body = {"model": LLM, "prompt": PROMPT, "max_tokens": 8}
+    request = asyncio.ensure_future(harness.post(body, key=key))
+    await asyncio.wait_for(reserved.wait(), 10)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    admitter.admit = real
+    (row,) = await asyncio.to_thread(wait_for_rows, r, name, 1)
+    assert row["status"] == "disconnected" and row["cost_micros"] == 0 and row["completion_tokens"] == 0
+    assert_books_balance(r, name, [row])
+    res = await harness.post(body, key=key)  # the key's one concurrency slot is free again
+    assert res.status_code == 200, res.body
+
+
 async def test_a_replica_death_leaves_a_ledger_row_and_no_reservation(harness, paying, r):
     name, key = paying
     res = await harness.post({"model": LLM, "prompt": "[[sim fault=die after=3]] hi", "max_tokens": 20,
