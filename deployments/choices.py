@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 LOGPROB_FLOOR = -9999.0
-FINISH_REASONS = {"stop": "stop", "length": "length"}
+FINISH_REASONS = {"stop": "stop", "length": "length"}  # any other ending that is not a failure reads as "stop"
+ENGINE_FAILED = frozenset({"abort", "error"})  # vLLM's FinishReason values that are the engine's failures
 
 
 def _clamp(value: float) -> float:
@@ -114,11 +115,13 @@ def echo_text(prompt_text: str | None, prompt_ids: Sequence[int], tokenizer) -> 
 
 
 def finish_reason(engine_reason: str | None) -> str | None:
-    """Maps vLLM's finish reason; an aborted sequence is not a finish the client may see as success."""
+    """Maps vLLM's finish reason. A sequence the engine aborted or ended in error (a grammar that rejected the
+    sampled token, a failed preprocessing or KV load) is the engine's failure, never a finish the client may take
+    for success and be charged for: upstream_error (in-band for a stream, which pays what it received)."""
     if engine_reason is None:
         return None
-    if engine_reason == "abort":
-        raise RuntimeError("the engine aborted the sequence")
+    if engine_reason in ENGINE_FAILED:  # the engine raises its EngineFailure first (deployments/engine.py)
+        raise RuntimeError(f"the engine ended the sequence with '{engine_reason}'")
     return FINISH_REASONS.get(engine_reason, "stop")
 
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from deployments.choices import (ChoiceCursor, echo_text, finish_reason, logprobs_block, mean_logprob, merge_fragments,
-                                 merge_logprobs, prompt_logprobs_list, with_token_ids)
+from deployments.choices import (ENGINE_FAILED, ChoiceCursor, echo_text, finish_reason, logprobs_block, mean_logprob,
+                                 merge_fragments, merge_logprobs, prompt_logprobs_list, with_token_ids)
 from deployments.wire import EngineFailure, GenerationRequest, InvalidSampling, StreamItem, Usage
 
 log = logging.getLogger("qbt.engine")
@@ -87,6 +87,8 @@ class Engine:
     def _fragment(self, req: GenerationRequest, cursor: ChoiceCursor, out, prompt_idx: int,
                   prompt_logprobs, usage: Usage) -> dict[str, Any]:
         """One choice fragment from one engine output; max_tokens=0 is scoring mode, where output is dropped."""
+        if out.finish_reason in ENGINE_FAILED:  # upstream_error, not a "stop" the client is charged for in full
+            raise EngineFailure(f"the engine ended the sequence with '{out.finish_reason}'")
         scoring = req.max_tokens == 0
         token_ids = [] if scoring else list(out.token_ids)
         text = "" if scoring else out.text

@@ -31,3 +31,21 @@ def test_valid_sampling_builds_params():
                             max_tokens=16)
     params = Engine("unused", "m", {})._params(req, 1, stream=False)
     assert params.top_p == 0.5 and params.stop == ["\n"] and params.logit_bias == {7: -1.0}
+
+
+@pytest.mark.parametrize("reason", ["error", "abort"])
+def test_a_sequence_the_engine_failed_is_an_engine_failure_not_a_stop(reason):
+    """vLLM ends a sequence with `error` when, say, the grammar rejects the sampled token: upstream_error (in-band
+    for a stream, which pays what it received), never a normal "stop" charged in full."""
+    from types import SimpleNamespace
+
+    from deployments.choices import ChoiceCursor
+    from deployments.wire import EngineFailure, Usage
+
+    req = GenerationRequest("cmpl-x", [[1, 2]], ["hi"], {}, max_tokens=16)
+    out = SimpleNamespace(token_ids=[5], text="x", finish_reason=reason, logprobs=None)
+    with pytest.raises(EngineFailure, match=reason):
+        Engine("unused", "m", {})._fragment(req, ChoiceCursor(index=0), out, 0, None, Usage(2))
+    done = SimpleNamespace(token_ids=[5], text="x", finish_reason="length", logprobs=None)
+    assert Engine("unused", "m", {})._fragment(req, ChoiceCursor(index=0), done, 0, None, Usage(2))[
+        "finish_reason"] == "length"

@@ -64,8 +64,10 @@ def test_finish_reasons():
     assert finish_reason(None) is None
     assert finish_reason("length") == "length"
     assert finish_reason("stop") == "stop"
-    with pytest.raises(RuntimeError):
-        finish_reason("abort")
+    assert finish_reason("repetition") == "stop"
+    for failed in ("abort", "error"):
+        with pytest.raises(RuntimeError):
+            finish_reason(failed)
 
 
 def test_mean_logprob_ranks_per_token():
