@@ -24,6 +24,18 @@ def redis_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
 
 
+def shown(url: str) -> str:
+    """A Redis URL fit for a message or a log: its password (and user) replaced."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def credentials() -> dict:
     """Redis's password from the file `REDIS_PASSWORD_FILE` names (`qbt serve` makes one for the Redis it starts):
     never in the URL, argv or an environment variable's value."""

@@ -300,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qbt: {exc}", file=sys.stderr)
             return 2
         if type(exc).__module__.startswith("redis"):
-            print(f"qbt: Redis at {keyspace.redis_url(args.redis_url)} is unreachable ({exc}); start it with "
-                  "`make serve` or set REDIS_URL", file=sys.stderr)
+            url = keyspace.shown(keyspace.redis_url(args.redis_url))
+            print(f"qbt: Redis at {url} is unreachable ({exc}); start it with `make serve` or set REDIS_URL",
+                  file=sys.stderr)
             return 3
         raise
 

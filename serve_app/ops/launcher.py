@@ -84,17 +84,25 @@ def local_redis_password(data_dir: Path) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "password"
     if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_hex(32) + "\n")
+        write_secret(path, secrets.token_hex(32) + "\n")
     return path
+
+
+def write_secret(path: Path, text: str) -> None:
+    """A new file, mode 0600 from its creation, put in place of the old one: no moment where another local user
+    could open it, and nobody holding the old file open reads the new secret."""
+    staged = path.with_name(path.name + ".new")
+    staged.unlink(missing_ok=True)
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(staged, path)
 
 
 def redis_config(data_dir: Path, password_file: Path) -> Path:
     """`requirepass` in a 0600 file, so the password is in no argv (`ps` shows the file's name only)."""
     path = data_dir / "redis.conf"
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text(f"requirepass {password_file.read_text().strip()}\n")
+    write_secret(path, f"requirepass {password_file.read_text().strip()}\n")
     return path
 
 
@@ -129,8 +137,7 @@ def dev_key(url: str, run_dir: Path) -> str:
         if key_is_active(r, keys.key_hash(key)):
             return key
     key, _ = keyring.create_key(r, DEV_ACCOUNT)
-    path.write_text(key + "\n")
-    path.chmod(0o600)
+    write_secret(path, key + "\n")
     return key
 
 
@@ -262,13 +269,14 @@ def start_admin(url: str, run_dir: Path, port: int, ledger: dict) -> subprocess.
     r = keyspace.sync_client(url)
     path = run_dir / "admin-token"
     if not (path.exists() and tokens.actor(r, "Bearer " + path.read_text().strip())):
-        path.write_text(tokens.create(r, "local-operator") + "\n")
-        path.chmod(0o600)
-    command = [sys.executable, "-m", "serve_app.ops.cli", "--redis-url", url, "admin", "serve", "--port", str(port),
+        write_secret(path, tokens.create(r, "local-operator") + "\n")
+    command = [sys.executable, "-m", "serve_app.ops.cli", "admin", "serve", "--port", str(port),
                "--database", ledger["database"]]
     if ledger.get("password_file"):
         command += ["--password-file", str(ledger["password_file"])]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    # Redis's URL in the environment, not on the command line, where `ps` would show a password in it.
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                            env={**os.environ, "REDIS_URL": url})
     for _ in range(100):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()

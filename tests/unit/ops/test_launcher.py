@@ -32,3 +32,24 @@ def test_a_port_in_use_is_seen_before_anything_starts():
         port = s.getsockname()[1]
         assert not launcher.port_free("127.0.0.1", port)
     assert launcher.port_free("127.0.0.1", port)
+
+
+def test_secrets_are_written_0600_from_the_start_into_a_new_file(tmp_path):
+    from serve_app.ops.launcher import write_secret
+
+    path = tmp_path / "dev-key"
+    path.write_text("old\n")
+    path.chmod(0o644)
+    with open(path) as held:  # someone who opened the old file
+        write_secret(path, "new\n")
+        assert held.read() == "old\n"
+    assert path.read_text() == "new\n" and path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["dev-key"]
+
+
+def test_a_redis_url_is_shown_without_its_password():
+    from serve_app.money.keyspace import shown
+
+    assert shown("redis://:hunter2@redis.example:6380/0") == "redis://***@redis.example:6380/0"
+    assert shown("rediss://user:hunter2@redis.example/1") == "rediss://***@redis.example/1"
+    assert shown("redis://127.0.0.1:6399/0") == "redis://127.0.0.1:6399/0"
