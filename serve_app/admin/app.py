@@ -7,6 +7,7 @@ are synchronous clients, called in Starlette's thread pool."""
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -33,6 +34,7 @@ from serve_app.money.accounts import AccountError, Change, Conflict, NotFound
 
 CONSOLE = Path(__file__).parent / "console"
 MAX_BODY = 64 * 1024
+AUDIT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")  # a Redis stream entry id
 SECURITY_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
                     "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                     "Cache-Control": "no-store"}
@@ -142,7 +144,11 @@ class Admin:
 
     async def audit_log(self, request: Request) -> Response:
         q = request.query_params
-        return _list(await self._call(request, audit.recent, self.redis, _limit(q), q.get("before") or None))
+        before = q.get("before") or None
+        if before is not None and not AUDIT_ID.fullmatch(before):
+            raise invalid("'before' must be an audit entry's id (as `id` shows it, for example 1700000000000-0)",
+                          "before")
+        return _list(await self._call(request, audit.recent, self.redis, _limit(q), before))
 
     async def me(self, request: Request) -> Response:
         return JSONResponse({"actor": request.state.actor})
@@ -248,7 +254,7 @@ def _ms(q, name: str) -> int | None:
 
 def _limit(q) -> int:
     text = q.get("limit", "50")
-    if not text.isdigit() or not 1 <= int(text) <= 1000:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 1000):
         raise invalid("'limit' must be between 1 and 1000", "limit")
     return int(text)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 MICROS = 1_000_000
+MAX_MICROS = 2**53 - 1  # every amount stays exact as a JSON number and in Redis's Lua (doubles), and in int64
 
 
 def usd_to_micros(value: str | Decimal) -> int:
@@ -13,6 +14,8 @@ def usd_to_micros(value: str | Decimal) -> int:
         amount = Decimal(str(value))
     except InvalidOperation:
         raise ValueError(f"not an amount in USD: {value!r}") from None
+    if not amount.is_finite() or abs(amount) > Decimal(MAX_MICROS) / MICROS:
+        raise ValueError(f"not an amount in USD: {value!r} (at most {micros_to_usd(MAX_MICROS)} either way)")
     micros = amount * MICROS
     if micros != micros.to_integral_value():
         raise ValueError(f"{value} USD has more than 6 decimal places")

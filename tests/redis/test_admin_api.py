@@ -112,6 +112,18 @@ def test_keys_create_rotate_revoke_and_the_audit_rows(client):
     assert created["key"] not in str(log) and rotated["key"] not in str(log)
 
 
+def test_absurd_amounts_and_query_values_are_400_and_store_nothing(client):
+    name = "absurd-" + uuid.uuid4().hex[:6]
+    for credits in ("1e30", "Infinity", "sNaN", "1e999999"):
+        res = client.post("/admin/v1/accounts", json={"name": name, "credits_usd": credits})
+        assert res.status_code == 400 and res.json()["error"]["code"] == "invalid_request", (credits, res.text)
+    assert client.get(f"/admin/v1/accounts/{name}").status_code == 404
+    assert client.get("/admin/v1/accounts").status_code == 200
+    for params, param in (({"limit": "\u00b2"}, "limit"), ({"before": "garbage"}, "before")):
+        res = client.get("/admin/v1/audit", params=params)
+        assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text
+
+
 def test_usage_by_day_model_and_key_from_the_sql_ledger(client, ledger):
     a, b = "use-a-" + uuid.uuid4().hex[:6], "use-b-" + uuid.uuid4().hex[:6]
     ledger.insert(rows(a, "key_aaaaaaaaaaaa") + rows(b, "key_bbbbbbbbbbbb"))

@@ -15,6 +15,10 @@ def test_usd_micros_round_trip():
         units.usd_to_micros("0.0000001")
     with pytest.raises(ValueError):
         units.usd_to_micros("ten")
+    for absurd in ("Infinity", "-Infinity", "NaN", "sNaN", "1e30", "1e999999", "-1e30", "9007199254.740992"):
+        with pytest.raises(ValueError):
+            units.usd_to_micros(absurd)
+    assert units.usd_to_micros("9007199254.740991") == 2**53 - 1
 
 
 def test_go_durations():
