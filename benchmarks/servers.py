@@ -39,6 +39,8 @@ class System:
     def __init__(self, name: str, port: int, health: str, cmd: list[str], run_dir: Path, env: dict | None = None):
         self.name, self.port, self.health, self.log = name, port, health, run_dir / f"{name}.log"
         run_dir.mkdir(parents=True, exist_ok=True)
+        if env and "REDIS_URL" in env:  # the Redis its launcher starts has a password; this process reads it too
+            env = {**env, "REDIS_PASSWORD_FILE": str(bench_redis_password())}
         say(f"starting {name}: {' '.join(cmd)}")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log.open("w"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,6 +88,15 @@ class System:
             self.proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def bench_redis_password() -> Path:
+    """One password for every Redis the benchmarks' systems start, named by `REDIS_PASSWORD_FILE` here as there."""
+    from serve_app.ops.launcher import local_redis_password
+
+    path = local_redis_password(ROOT / ".run" / "bench-redis")
+    os.environ["REDIS_PASSWORD_FILE"] = str(path)
+    return path
 
 
 def bench_keys(redis_url: str) -> dict[str, str]:

@@ -57,6 +57,24 @@ def own_redis_password(explicit_url: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def started_redis_password(password_file: Path | None, url: str, run_dir: Path) -> Path:
+    """Every Redis the launcher starts has a password, also for a `REDIS_URL` that nothing answered (an unguarded
+    Redis on loopback is open to every local user): `REDIS_PASSWORD_FILE`'s when set, else the local profile's
+    own, which `REDIS_PASSWORD_FILE` then names for the replicas."""
+    if urlparse(url).password:
+        raise SystemExit(f"nothing answers at {keyspace.shown(url)}, and its URL carries a password: start that "
+                         "Redis, or unset REDIS_URL for the local profile's own")
+    if password_file is not None:
+        return password_file
+    if os.environ.get("REDIS_PASSWORD_FILE"):
+        return Path(os.environ["REDIS_PASSWORD_FILE"])
+    path = local_redis_password(run_dir / "redis")
+    os.environ["REDIS_PASSWORD_FILE"] = str(path)
+    say(f"the Redis started for {url} has the password in {path}: `qbt` in another shell needs "
+        f"REDIS_PASSWORD_FILE={path}")
+    return path
+
+
 def die_with_parent() -> None:
     """In a child before exec: it gets SIGTERM when the launcher dies, however it dies (Ray's core worker ends the
     launcher's process when Ray's own processes are killed with it, before its cleanup can stop Redis)."""
@@ -231,7 +249,7 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
         url = keyspace.redis_url(redis_url)
         password_file = own_redis_password(redis_url, run_dir)
         if not redis_answers(url):
-            redis_proc = start_redis(url, run_dir / "redis", password_file)
+            redis_proc = start_redis(url, run_dir / "redis", started_redis_password(password_file, url, run_dir))
         key = dev_key(url, run_dir)
         http = serve_config.get("http_options", {})
         port = port or int(http.get("port", 8000))

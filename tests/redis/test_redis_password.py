@@ -51,3 +51,18 @@ def test_only_the_launchers_own_redis_gets_a_password(tmp_path, monkeypatch):
     path = own_redis_password(None, tmp_path)
     assert path == tmp_path / "redis" / "password" and path.exists()
     assert os.environ["REDIS_PASSWORD_FILE"] == str(path)  # the file's name, for the replicas and the CLI
+
+
+def test_a_redis_the_launcher_starts_for_a_given_url_gets_a_password_too(tmp_path, monkeypatch):
+    from serve_app.ops.launcher import started_redis_password
+
+    monkeypatch.delenv("REDIS_PASSWORD_FILE", raising=False)
+    path = started_redis_password(None, "redis://127.0.0.1:6399/0", tmp_path)  # REDIS_URL set, nothing answered
+    assert path == tmp_path / "redis" / "password" and path.stat().st_mode & 0o777 == 0o600
+    assert os.environ["REDIS_PASSWORD_FILE"] == str(path)
+    other = tmp_path / "given"
+    monkeypatch.setenv("REDIS_PASSWORD_FILE", str(other))
+    assert started_redis_password(None, "redis://127.0.0.1:6399/0", tmp_path) == other
+    with pytest.raises(SystemExit, match="carries a password") as info:
+        started_redis_password(None, "redis://:hunter2@127.0.0.1:6399/0", tmp_path)
+    assert "hunter2" not in str(info.value)
