@@ -65,13 +65,17 @@ def _drain(stream, log_path: Path, ready: threading.Event, lines: list[str]) -> 
                 ready.set()
 
 
+OTLP_SECRET = "otlp-canary-5f1e"  # what a tracing vendor's API key would be: the stack must not write it anywhere
+
+
 def start_stack(redis_url: str, tmp_path_factory, config: Path | None = None) -> Stack:
     run_dir = tmp_path_factory.mktemp("run")
     port = free_port()
     metrics_port = free_port()
     ray_tmp = tmp_path_factory.mktemp("ray")
     env = dict(os.environ, REDIS_URL=redis_url, QBT_METRICS_PORT=str(metrics_port),
-               QBT_RAY_TEMP_DIR=str(ray_tmp), OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="500")
+               QBT_RAY_TEMP_DIR=str(ray_tmp), OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="500",
+               OTEL_EXPORTER_OTLP_HEADERS=f"authorization=Bearer {OTLP_SECRET}")  # unused by console: a canary
     admin_port = free_port()
     args = [str(BIN / "qbt"), "serve", "--port", str(port), "--run-dir", str(run_dir), "--admin-port",
             str(admin_port)]

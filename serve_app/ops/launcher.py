@@ -373,11 +373,11 @@ def deploy(serve_config: dict, url: str, host: str, port: int, num_cpus: int, ru
         say(f"clients talk to the ingress replica on {host}:{port} (direct ingress); Serve's proxy is on "
             f"{host}:{proxy_port}")
     say(f"starting Ray ({num_cpus} logical CPUs) and deploying {len(serve_config['applications'])} app(s)")
-    env = {"REDIS_URL": url, "QBT_MODELS_DIR": str(models_dir())}
-    if os.environ.get("REDIS_PASSWORD_FILE"):  # the file's name, not the password
-        env["REDIS_PASSWORD_FILE"] = os.environ["REDIS_PASSWORD_FILE"]
-    env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+    # Ray's processes inherit this process's environment: REDIS_URL, REDIS_PASSWORD_FILE (the file's name, not the
+    # password) and OTEL_* reach the replicas so. A runtime_env's env_vars would also do it, but Ray's runtime-env
+    # agent writes them to its log (readable by every local user), OTLP headers with their API keys included.
+    os.environ.update({"REDIS_URL": url, "QBT_MODELS_DIR": str(models_dir())})
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=int(os.environ.get("QBT_METRICS_PORT", "8080")),
              _temp_dir=os.environ.get("QBT_RAY_TEMP_DIR"))
     serve.start(http_options={"host": host, "port": proxy_port}, proxy_location="HeadOnly")

@@ -9,6 +9,7 @@ import uuid
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.support import MODEL
@@ -91,3 +92,29 @@ def test_rotation_and_revocation_take_effect_on_the_live_service(stack, admin):
     actions = [row["action"] for row in admin.get("/admin/v1/audit").json()["data"]
                if row["target"] in (name, made["key_id"])]
     assert actions == ["key.revoke", "key.rotate", "key.create", "account.create"]
+
+
+def test_no_secret_in_the_stacks_files_or_command_lines(stack, admin):
+    """The OTLP headers (a vendor's API key), the dev key and the admin token: in none of the
+    files the stack writes (Ray's logs included) but their own, and in no process's command line."""
+    from tests.stack import OTLP_SECRET
+
+    run = stack.run_dir
+    secrets = {"otlp": OTLP_SECRET, "dev key": (run / "dev-key").read_text().strip(),
+               "admin token": (run / "admin-token").read_text().strip()}
+    own = {run / "dev-key", run / "admin-token"}
+    for name, secret in secrets.items():
+        for root in (stack.ray_tmp, run):
+            for path in root.rglob("*"):
+                if path.is_file() and not path.is_symlink() and path not in own and path.stat().st_size < 50_000_000:
+                    assert secret.encode() not in path.read_bytes(), f"the {name} is written in {path}"
+        for proc in stack.descendants():
+            try:
+                assert secret not in " ".join(proc.cmdline()), f"the {name} is on the command line of {proc.pid}"
+            except psutil.NoSuchProcess:
+                pass
+    for proc in stack.descendants():
+        try:
+            assert "--redis-url" not in proc.cmdline(), f"a Redis URL is on the command line of {proc.pid}"
+        except psutil.NoSuchProcess:
+            pass
