@@ -30,7 +30,8 @@ from benchmarks.servers import HostSteal, steal_spread
 from benchmarks.sse_client import closed_loop, head_of_line
 from serve_app.config.paths import model_path
 from serve_app.ops.dev_models import ensure_built
-from serve_app.ops.launcher import become_subreaper, stop_descendants
+from serve_app.ops.launcher import stop_descendants
+from serve_app.ops.processes import become_subreaper
 
 RUN_DIR = ROOT / ".run" / "bench-compare"
 PY = sys.executable

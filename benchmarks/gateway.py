@@ -25,7 +25,8 @@ import time
 from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say, script_calls, spread
 from benchmarks.servers import HostSteal, steal_spread
 from benchmarks.sse_client import closed_loop
-from serve_app.ops.launcher import become_subreaper, stop_descendants
+from serve_app.ops.launcher import stop_descendants
+from serve_app.ops.processes import become_subreaper
 
 RUN_DIR = ROOT / ".run" / "bench-gateway"
 PY = sys.executable

@@ -28,7 +28,8 @@ from pathlib import Path
 from benchmarks.servers import OUT, ROOT, System, bench_keys, say
 from benchmarks.sse_client import head_of_line
 from serve_app.money import keyspace
-from serve_app.ops.launcher import become_subreaper, stop_descendants
+from serve_app.ops.launcher import stop_descendants
+from serve_app.ops.processes import become_subreaper
 
 RUN_DIR = ROOT / ".run" / "bench-hol-trace"
 PORT, METRICS_PORT, REDIS_URL = 8141, 8143, "redis://127.0.0.1:6395/0"

@@ -20,7 +20,8 @@ import sys
 import time
 
 from benchmarks.servers import OUT, ROOT, CpuMeter, System, bench_keys, say
-from serve_app.ops.launcher import become_subreaper, stop_descendants
+from serve_app.ops.launcher import stop_descendants
+from serve_app.ops.processes import become_subreaper
 
 RUN_DIR = ROOT / ".run" / "bench-hostile"
 REDIS_URL = "redis://127.0.0.1:6396/0"

@@ -92,7 +92,7 @@ class System:
 
 def bench_redis_password() -> Path:
     """One password for every Redis the benchmarks' systems start, named by `REDIS_PASSWORD_FILE` here as there."""
-    from serve_app.ops.launcher import local_redis_password
+    from serve_app.ops.local_redis import local_redis_password
 
     path = local_redis_password(ROOT / ".run" / "bench-redis")
     os.environ["REDIS_PASSWORD_FILE"] = str(path)

@@ -21,7 +21,8 @@ import psutil
 
 from benchmarks.load import run
 from benchmarks.servers import OUT, ROOT, System, bench_keys, role, say
-from serve_app.ops.launcher import become_subreaper, stop_descendants
+from serve_app.ops.launcher import stop_descendants
+from serve_app.ops.processes import become_subreaper
 
 MODEL = "qbt-dev-llm"
 PORT, REDIS_URL = 8101, "redis://127.0.0.1:6398/0"

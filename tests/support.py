@@ -58,7 +58,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        from serve_app.ops.launcher import redis_command  # the same durability as `qbt serve`'s Redis
+        from serve_app.ops.local_redis import redis_command  # the same durability as `qbt serve`'s Redis
 
         self.proc = subprocess.Popen(redis_command(shutil.which("redis-server"), self.port, self.data_dir),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

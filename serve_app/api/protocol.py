@@ -143,6 +143,8 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:
         self._check_sampling(self.max_tokens_or_default)
+        if self.echo and self.suffix is not None:  # the echo would be the fill-in-the-middle template's markup
+            raise invalid("echo cannot be combined with suffix", "echo")
         if self.best_of is not None and self.best_of < self.choices_per_prompt:
             raise invalid("best_of must be greater than or equal to n", "best_of")
         if self.stream and self.best_of is not None and self.best_of > self.choices_per_prompt:

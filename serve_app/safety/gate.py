@@ -61,7 +61,9 @@ class StreamGate:
         self.blocked = next((v for v in verdicts if v.blocks(self.policy)), None)
         out, self.pending = self.pending, []
         if self.blocked is not None:
-            return [withheld(i) for i in sorted(set(self.fresh) - self.finished | set(indices))]
+            # Every choice ends that has not (its ending may be in what is withheld now), not begun ones included.
+            unended = set(range(len(self.prompts) * self.n)) - self.finished | set(indices)
+            return [withheld(i) for i in sorted(unended)]
         return out
 
     def _segment(self, i: int) -> list[list[int]]:

@@ -293,7 +293,7 @@ class CompletionPath:
                     break
                 item = await next_item(stream, prompt_tokens, None)
             if gate is not None and (released := await gate.finish(outcome.usage.completion_tokens)):
-                yield frame.chunk(released)
+                yield frame.chunk(released, outcome.usage.as_dict() if frame.continuous_usage else None)
             outcome.status = Status.OUTPUT_FILTERED if gate is not None and gate.blocked else Status.OK
         except Exception as exc:
             error = call.route.failure(exc)

@@ -32,6 +32,9 @@ from serve_app.serving.routing import ModelRouter
 from serve_app.telemetry.metrics import IngressMetrics
 
 
+HEALTH_FRESH_S = 1.0  # how long one round of /health's checks answers for
+
+
 class Gateway:
     def __init__(self, config: ServiceConfig, router: ModelRouter, billing: Billing, safety: SafetyStage,
                  metrics: IngressMetrics, ping: Callable[[], Any], clock: Callable[[], float] = time.time,
@@ -55,6 +58,8 @@ class Gateway:
                                          TokenizerCalls(config.tokenizer_rpm, 60), config.max_body_bytes,
                                          config.body_read_s)
         self._created = int(clock())
+        self._health: asyncio.Future | None = None  # the round of checks callers of /health share
+        self._health_at = 0.0
 
     @classmethod
     def build(cls, config: ServiceConfig, handles: dict[str, Any], redis=None, metrics=None, ledger=None) -> Gateway:
@@ -112,7 +117,16 @@ class Gateway:
 
     async def health(self, request: Request) -> Response:
         """200 only when every model deployment answers its engine health check and Redis answers. Models that
-        scale from zero are not probed (a probe would wake them) and show as `on_demand`."""
+        scale from zero are not probed (a probe would wake them) and show as `on_demand`. It needs no key, so its
+        callers share one round of checks, at most one a second: a flood of it cannot queue health checks in front
+        of the models' paying requests."""
+        now = time.monotonic()
+        if self._health is None or (self._health.done() and now - self._health_at >= HEALTH_FRESH_S):
+            self._health, self._health_at = asyncio.ensure_future(self._checks()), now
+        body, healthy = await asyncio.shield(self._health)
+        return Response(dumps(body), status_code=200 if healthy else 503, media_type=JSON)
+
+    async def _checks(self) -> tuple[dict, bool]:
         names = [n for n, r in self.router.routes.items() if not r.spec.scales_from_zero]
         checks = [self.router.routes[n].health.remote() for n in names]
         checks.append(self.ping())
@@ -128,7 +142,7 @@ class Gateway:
         body = {"status": "ok" if healthy else "unavailable", "components": status}
         if self.ledger is not None:  # reported, not gating: a stalled export delays the ledger, not the service
             body["ledger_export"] = "unavailable" if isinstance(lag, BaseException) else lag
-        return Response(dumps(body), status_code=200 if healthy else 503, media_type=JSON)
+        return body, healthy
 
 
 async def _awaited(x):

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from serve_app.money import keyspace
-from serve_app.ops.launcher import local_redis_password, own_redis_password, redis_command, redis_config
+from serve_app.ops.local_redis import local_redis_password, own_redis_password, redis_command, redis_config
 from tests.support import free_port
 
 
@@ -54,7 +54,7 @@ def test_only_the_launchers_own_redis_gets_a_password(tmp_path, monkeypatch):
 
 
 def test_a_redis_the_launcher_starts_for_a_given_url_gets_a_password_too(tmp_path, monkeypatch):
-    from serve_app.ops.launcher import started_redis_password
+    from serve_app.ops.local_redis import started_redis_password
 
     monkeypatch.delenv("REDIS_PASSWORD_FILE", raising=False)
     path = started_redis_password(None, "redis://127.0.0.1:6399/0", tmp_path)  # REDIS_URL set, nothing answered

@@ -30,6 +30,7 @@ def test_four_prompt_forms(prompt):
     ({"min_tokens": 20, "max_tokens": None}, "min_tokens"),  # null is the default, 16
     ({"model": None}, "model"),
     # What vLLM's SamplingParams (or its engine's intake) would refuse is refused here, naming the field.
+    ({"echo": True, "suffix": "}"}, "echo"),
     ({"top_p": 0}, "top_p"),
     ({"stop": ""}, "stop"),
     ({"stop": ["x", ""]}, "stop"),

@@ -35,7 +35,7 @@ def test_a_port_in_use_is_seen_before_anything_starts():
 
 
 def test_secrets_are_written_0600_from_the_start_into_a_new_file(tmp_path):
-    from serve_app.ops.launcher import write_secret
+    from serve_app.ops.local_redis import write_secret
 
     path = tmp_path / "dev-key"
     path.write_text("old\n")

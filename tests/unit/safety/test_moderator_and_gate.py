@@ -122,6 +122,21 @@ async def test_the_stream_gate_still_catches_text_across_its_segments():
     assert "bomb" not in "".join(c["text"] for c in released)
 
 
+async def test_a_blocked_stream_ends_every_open_choice_even_one_not_begun():
+    """Two prompts, n=2: choice 1 finished and released, choices 2 and 3 (the second prompt's) not begun when
+    choice 0 is caught: 0, 2 and 3 end with content_filter; 1 keeps the ending it had."""
+    guard = CountingModerator()
+    gate = StreamGate(guard, ["Tell me.", "And you?"], 2, GuardPolicy(GuardMode.OUTPUT), 4)
+    gate.add([{"index": 0, "text": "a ", "logprobs": None, "finish_reason": None},
+              {"index": 1, "text": "fine", "logprobs": None, "finish_reason": "stop"}])
+    assert [c["finish_reason"] for c in await gate.release(4)] == [None, "stop"]
+    gate.add([{"index": 0, "text": "bomb", "logprobs": None, "finish_reason": None}])
+    released = await gate.release(8)
+    assert gate.blocked is not None
+    assert [(c["index"], c["finish_reason"]) for c in released] == [(0, "content_filter"), (2, "content_filter"),
+                                                                   (3, "content_filter")]
+
+
 def test_windows_from_resumes_at_the_last_segment():
     ids = list(range(100))
     parts, anchor = windows_from(ids, 0, 40)

@@ -368,3 +368,21 @@ async def test_a_first_item_given_up_leaves_no_unretrieved_error():
         assert reported == []
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_health_callers_share_one_round_of_checks_a_second(harness, monkeypatch):
+    from serve_app.serving import gateway as gateway_module
+
+    pings = []
+
+    async def ping():
+        pings.append(1)
+        await asyncio.sleep(0.05)
+        return True
+
+    harness.gateway.ping = ping
+    answers = await asyncio.gather(*(harness.gateway.health(None) for _ in range(20)))
+    assert {a.status_code for a in answers} == {200} and len(pings) == 1
+    assert (await harness.gateway.health(None)).status_code == 200 and len(pings) == 1  # still fresh
+    monkeypatch.setattr(gateway_module, "HEALTH_FRESH_S", 0.0)
+    assert (await harness.gateway.health(None)).status_code == 200 and len(pings) == 2

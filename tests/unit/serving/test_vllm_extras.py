@@ -32,6 +32,10 @@ async def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(harnes
     assert "cost" in got[-2]["usage"] and got[-2]["choices"] == []  # the final chunk: settled, with its cost
     plain = await read_all(await harness.post(body(stream=True, stream_options={"include_usage": True})))
     assert all(chunk["usage"] is None for chunk in plain[:-2])
+    harness.billing.guard = "output"  # the output gate releases in windows of 8: 5 tokens go at the stream's end
+    gated = await read_all(await harness.post(body(stream=True, stream_options=options, max_tokens=5)))
+    assert len(gated) >= 3 and all(chunk["usage"] is not None for chunk in gated[:-1])
+    assert gated[-3]["usage"]["completion_tokens"] == 5 and gated[-3]["choices"]
 
 
 async def test_priority_only_where_the_engine_schedules_by_it_and_structured_outputs_checked(harness):
