@@ -19,6 +19,7 @@ from serve_app.money.status import Status
 
 log = logging.getLogger("qbt.billing")
 
+
 def completion_budget(req: CompletionRequest | ChatCompletionRequest, prompts: int) -> int:
     """The worst case the reservation covers: every candidate of every prompt runs to max_tokens."""
     return req.max_tokens_or_default * req.candidates_per_prompt * prompts

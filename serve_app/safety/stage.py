@@ -46,10 +46,10 @@ class SafetyStage:
         silently dropped."""
         if not policy.mode.checks_output:
             return None
-        for field, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if value is not None:
-                return ApiError(Code.INVALID_REQUEST, f"{field} are not available to keys whose output is "
-                                "moderated: the alternative tokens would not be judged by the safety guard.", field)
+                return ApiError(Code.INVALID_REQUEST, f"{name} are not available to keys whose output is "
+                                "moderated: the alternative tokens would not be judged by the safety guard.", name)
         return None
 
     def screen(self, policy: GuardPolicy, texts: list[str], n: int, span, request_id: str) -> Screening:

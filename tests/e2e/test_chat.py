@@ -14,7 +14,6 @@ import httpx
 import openai
 import pytest
 
-from serve_app.money import keyspace
 from tests.support import MODEL, wait_for_rows
 
 pytestmark = pytest.mark.e2e
