@@ -135,9 +135,9 @@ def serve_forever(config_path: Path, port: int | None, redis_url: str | None, ru
             say(f"dev model {model_id} at {path}")
         serve_config = load_yaml(config_path)
         url = keyspace.redis_url(redis_url)
-        password_file = own_redis_password(redis_url, run_dir)
+        own_redis_password(redis_url, run_dir)  # names the local profile's password file when no Redis is given
         if not redis_answers(url):
-            redis_proc = start_redis(url, run_dir / "redis", started_redis_password(password_file, url, run_dir))
+            redis_proc = start_redis(url, run_dir / "redis", started_redis_password(url, run_dir))
         key = dev_key(url, run_dir)
         http = serve_config.get("http_options", {})
         port = port or int(http.get("port", 8000))

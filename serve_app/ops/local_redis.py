@@ -20,26 +20,28 @@ def own_redis_password(explicit_url: str | None, run_dir: Path) -> Path | None:
     `REDIS_PASSWORD_FILE` says (nothing by default)."""
     if explicit_url or os.environ.get("REDIS_URL") or os.environ.get("REDIS_PASSWORD_FILE"):
         return None
-    path = local_redis_password(run_dir / "redis")
-    os.environ["REDIS_PASSWORD_FILE"] = str(path)
-    return path
+    return _use_local_password(run_dir)
 
 
-def started_redis_password(password_file: Path | None, url: str, run_dir: Path) -> Path:
+def started_redis_password(url: str, run_dir: Path) -> Path:
     """Every Redis the launcher starts has a password, also for a `REDIS_URL` that nothing answered (an unguarded
-    Redis on loopback is open to every local user): `REDIS_PASSWORD_FILE`'s when set, else the local profile's
-    own, which `REDIS_PASSWORD_FILE` then names for the replicas."""
+    Redis on loopback is open to every local user): `REDIS_PASSWORD_FILE`'s when set (`own_redis_password` sets it
+    for the local profile's own), else the local profile's, which `REDIS_PASSWORD_FILE` then names."""
     if urlparse(url).password:
         raise SystemExit(f"nothing answers at {keyspace.shown(url)}, and its URL carries a password: start that "
                          "Redis, or unset REDIS_URL for the local profile's own")
-    if password_file is not None:
-        return password_file
     if os.environ.get("REDIS_PASSWORD_FILE"):
         return Path(os.environ["REDIS_PASSWORD_FILE"])
-    path = local_redis_password(run_dir / "redis")
-    os.environ["REDIS_PASSWORD_FILE"] = str(path)
+    path = _use_local_password(run_dir)
     say(f"the Redis started for {url} has the password in {path}: `qbt` in another shell needs "
         f"REDIS_PASSWORD_FILE={path}")
+    return path
+
+
+def _use_local_password(run_dir: Path) -> Path:
+    """The local profile's password file, named by `REDIS_PASSWORD_FILE` for this process and its children."""
+    path = local_redis_password(run_dir / "redis")
+    os.environ["REDIS_PASSWORD_FILE"] = str(path)
     return path
 
 

@@ -57,12 +57,12 @@ def test_a_redis_the_launcher_starts_for_a_given_url_gets_a_password_too(tmp_pat
     from serve_app.ops.local_redis import started_redis_password
 
     monkeypatch.delenv("REDIS_PASSWORD_FILE", raising=False)
-    path = started_redis_password(None, "redis://127.0.0.1:6399/0", tmp_path)  # REDIS_URL set, nothing answered
+    path = started_redis_password("redis://127.0.0.1:6399/0", tmp_path)  # REDIS_URL set, nothing answered
     assert path == tmp_path / "redis" / "password" and path.stat().st_mode & 0o777 == 0o600
     assert os.environ["REDIS_PASSWORD_FILE"] == str(path)
     other = tmp_path / "given"
     monkeypatch.setenv("REDIS_PASSWORD_FILE", str(other))
-    assert started_redis_password(None, "redis://127.0.0.1:6399/0", tmp_path) == other
+    assert started_redis_password("redis://127.0.0.1:6399/0", tmp_path) == other
     with pytest.raises(SystemExit, match="carries a password") as info:
-        started_redis_password(None, "redis://:hunter2@127.0.0.1:6399/0", tmp_path)
+        started_redis_password("redis://:hunter2@127.0.0.1:6399/0", tmp_path)
     assert "hunter2" not in str(info.value)
